@@ -1,0 +1,87 @@
+"""The accounted communication layer and the multi-process harness itself."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from meshweave.comm import CommGroup, CommLedger, P2P, single_process_group
+from meshweave.testing import DistributedTestError, run_distributed
+
+
+def _world_group() -> CommGroup:
+    return CommGroup("world", dist.group.WORLD, list(range(dist.get_world_size())), CommLedger())
+
+
+def _collectives_and_volumes():
+    g = _world_group()
+    n, r = g.size, g.rank
+    t = torch.full((3, 2), float(r + 1))
+    g.all_reduce(t)
+    gathered = g.all_gather(torch.full((2, 5), float(r)), dim=1)
+    scattered = g.reduce_scatter(torch.ones(2 * n, 3), dim=0)
+    out = torch.empty(n * 2)
+    g.all_to_all_single(out, torch.arange(n * 2, dtype=torch.float32) + 100 * r)
+    nxt, prv = (r + 1) % n, (r - 1) % n
+    buf = torch.empty(4)
+    g.batch_isend_irecv([P2P("send", torch.full((4,), float(r)), nxt), P2P("recv", buf, prv)]).wait()
+    return dict(
+        reduced=t[0, 0].item(), gathered=gathered, scattered=scattered, a2a=out, ring=buf[0].item(),
+        stats=g.ledger.snapshot(),
+    )
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_collectives_results_and_counted_bytes(world):
+    results = run_distributed(_collectives_and_volumes, world)
+    f32 = 4
+    for r, res in enumerate(results):
+        assert res["reduced"] == sum(range(1, world + 1))
+        assert res["gathered"].shape == (2, 5 * world)
+        assert torch.equal(res["gathered"][0, ::5], torch.arange(world, dtype=torch.float32))
+        assert torch.equal(res["scattered"], torch.full((2, 3), float(world)))
+        # rank r receives element block r (2 elements) from every rank s: value 2r + j + 100 s
+        expect = torch.tensor([2 * r + j + 100 * s for s in range(world) for j in range(2)], dtype=torch.float32)
+        assert torch.equal(res["a2a"], expect)
+        assert res["ring"] == float((r - 1) % world)
+        st = res["stats"]
+        assert st["world/all_reduce"] == {"calls": 1, "bytes": 6 * f32}
+        assert st["world/all_gather"] == {"calls": 1, "bytes": 10 * f32}
+        assert st["world/reduce_scatter"] == {"calls": 1, "bytes": 2 * world * 3 * f32}
+        assert st["world/all_to_all"] == {"calls": 1, "bytes": 2 * world * f32}
+        assert st["world/send"] == {"calls": 1, "bytes": 4 * f32}
+        assert st["world/recv"] == {"calls": 1, "bytes": 4 * f32}
+
+
+def test_size_one_group_never_communicates():
+    g = single_process_group("sp")
+    t = torch.ones(3)
+    assert g.all_reduce(t) is t and g.all_gather(t) is t and g.reduce_scatter(t) is t
+    assert g.ledger.calls() == 0
+
+
+def _fails_on_rank_one():
+    if dist.get_rank() == 1:
+        raise ValueError("boom on rank one")
+    dist.barrier()  # rank 0 blocks here: the harness must not wait for the full timeout
+    return "unreachable"
+
+
+def test_harness_reports_failing_rank_traceback_and_recovers():
+    with pytest.raises(DistributedTestError) as info:
+        run_distributed(_fails_on_rank_one, 2, timeout=60)
+    msg = str(info.value)
+    assert "rank 1 traceback" in msg and "boom on rank one" in msg
+    assert run_distributed(dist.get_rank, 2) == [0, 1]  # the pool is rebuilt after a failure
+
+
+def _hang_on_rank_zero():
+    if dist.get_rank() == 0:
+        import time
+        time.sleep(30)
+    return True
+
+
+def test_harness_watchdog_names_hung_rank():
+    with pytest.raises(DistributedTestError) as info:
+        run_distributed(_hang_on_rank_zero, 2, timeout=3)
+    assert "still running" in str(info.value) and "[0]" in str(info.value)
