@@ -1,0 +1,5 @@
+import sys
+
+from meshweave.launch.cli import main
+
+sys.exit(main())

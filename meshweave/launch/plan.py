@@ -1,0 +1,108 @@
+"""`meshweave plan`: describe a layout without starting any process.
+
+Prints the mesh, every rank's coordinates, stage, layers and peers, parameter count, FLOPs per
+token, the pipeline bubble the schedule implies, and a per-rank memory estimate. The estimate
+is an analytic model (stated in the output), not a measurement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshweave.models.flops import block_params, embedding_params, flops_per_token, parameter_count
+from meshweave.parallel.schedules import is_multi_stage
+from meshweave.runtime.mesh import ParallelDims
+from meshweave.runtime.schema import Config
+
+GIB = 2**30
+
+
+def stage_layers(n_layers: int, pp: int, virtual: int) -> dict[int, list[list[int]]]:
+    """Layers of each pipeline rank's chunks for an even split; chunk c of rank r is stage c*pp + r."""
+    per = n_layers // (pp * virtual)
+    return {r: [list(range((c * pp + r) * per, (c * pp + r + 1) * per)) for c in range(virtual)] for r in range(pp)}
+
+
+def bubble_fraction(schedule: str, pp: int, microbatches: int, virtual: int) -> float:
+    """Idle fraction of a step in the ideal model (equal stage times; tF, tB = 2tF)."""
+    if pp == 1:
+        return 0.0
+    if schedule in ("gpipe", "1f1b"):
+        return (pp - 1) / (microbatches + pp - 1)
+    if schedule in ("zbvzerobubble", "interleavedzerobubble", "dualpipev"):
+        # Splitting backward into input- and weight-gradient halves fills the bubble with W work:
+        # ZB-H1's bubble is about a third of 1F1B's; the V schedules approach zero.
+        base = (pp - 1) / (virtual * microbatches + pp - 1)
+        return base / 3
+    return (pp - 1) / (virtual * microbatches + pp - 1)  # interleaved / looped
+
+
+@dataclass
+class MemoryEstimate:
+    params: int
+    state_bytes: float
+    activation_bytes: float
+
+    @property
+    def total(self) -> float:
+        return self.state_bytes + self.activation_bytes
+
+
+def memory_per_rank(cfg: Config, dims: ParallelDims, stage: int) -> MemoryEstimate:
+    """Weights+grads+AdamW (16 B/param fp32, sharded by FSDP over dp*sp) + activations in flight."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    layers = m.n_layers // dims.pp
+    params = layers * block_params(m)
+    if stage == 0:
+        params += embedding_params(m)
+    if stage == dims.pp - 1:
+        params += m.dim * m.vocab_size + m.dim
+    params //= dims.tp
+    shard = dims.dp * dims.sp if p.dp_mode == "fsdp" else 1
+    state = params * 16 / shard
+    act_bytes = 2 if t.dtype == "bfloat16" or (t.dtype == "auto" and t.device == "cuda") else 4
+    rows = t.global_batch // dims.dp // (p.microbatches if dims.pp > 1 else t.grad_accum)
+    tokens = rows * t.seq_len / dims.sp
+    # Per token per layer ~17*dim values kept for backward with flash attention (Korthikanti et al.'s
+    # 34*d bytes in 16-bit), sharded over tp by sequence-parallel norms; only block inputs kept with AC.
+    per_layer = (2 * m.dim if p.activation_checkpointing else 17 * m.dim) * act_bytes / dims.tp
+    in_flight = min(dims.pp - stage, p.microbatches) if dims.pp > 1 else 1
+    activations = tokens * per_layer * layers * in_flight + tokens * m.vocab_size / dims.tp * 4 * (stage == dims.pp - 1)
+    return MemoryEstimate(params, state, activations)
+
+
+def render_plan(cfg: Config, dims: ParallelDims) -> str:
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    lines = [f"mesh (pp, dp, sp, tp) = {dims.shape()} over {dims.world_size} ranks; "
+             f"data parallel: {p.dp_mode} over dp*sp = {dims.dp * dims.sp} ranks"]
+    lines.append(f"model: {parameter_count(m):,} parameters, {flops_per_token(m, t.seq_len):,.0f} training FLOPs/token "
+                 f"(seq_len {t.seq_len}, causal)")
+    if dims.sp > 1:
+        extra = f" (ulysses {p.usp.ulysses} x ring {p.usp.ring})" if p.sp_method == "usp" else ""
+        lines.append(f"sequence parallel: {p.sp_method}{extra}, {t.seq_len // dims.sp} tokens per rank")
+    layers = stage_layers(m.n_layers, dims.pp, p.virtual_stages if is_multi_stage(p.pp_schedule) else 1)
+    if dims.pp > 1:
+        v = p.virtual_stages
+        lines.append(f"pipeline: {p.pp_schedule}, {p.microbatches} microbatches, {v} chunk(s) per rank; "
+                     f"ideal bubble fraction {bubble_fraction(p.pp_schedule, dims.pp, p.microbatches, v):.3f}")
+    lines.append("")
+    lines.append(f"{'rank':>5} {'pp':>3} {'dp':>3} {'sp':>3} {'tp':>3}  {'layers':<14} {'dp peers':<16} "
+                 f"{'sp peers':<16} {'tp peers':<16} {'mem GiB':>8}")
+    for rank in range(dims.world_size):
+        c = dims.coordinate(rank)
+        peers = {a: _peers(dims, rank, a) for a in ("dp", "sp", "tp")}
+        chunks = "+".join(f"{ls[0]}-{ls[-1]}" if ls else "-" for ls in layers[c["pp"]])
+        mem = memory_per_rank(cfg, dims, c["pp"])
+        lines.append(f"{rank:>5} {c['pp']:>3} {c['dp']:>3} {c['sp']:>3} {c['tp']:>3}  {chunks:<14} "
+                     f"{peers['dp']:<16} {peers['sp']:<16} {peers['tp']:<16} {mem.total / GIB:>8.3f}")
+    worst = max((memory_per_rank(cfg, dims, s) for s in range(dims.pp)), key=lambda e: e.total)
+    lines.append("")
+    lines.append(f"memory per rank (estimate, worst stage): {worst.params:,} parameters held, "
+                 f"{worst.state_bytes / GIB:.3f} GiB weights+grads+AdamW, {worst.activation_bytes / GIB:.3f} GiB activations")
+    return "\n".join(lines)
+
+
+def _peers(dims: ParallelDims, rank: int, axis: str) -> str:
+    group = next(g for g in dims.groups((axis,)) if rank in g)
+    text = ",".join(map(str, group))
+    return text if len(text) <= 16 else f"{group[0]}..{group[-1]}/{len(group)}"

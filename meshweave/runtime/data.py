@@ -1,0 +1,183 @@
+"""Text data that needs no download, packing into fixed-length rows that keep document boundaries.
+
+- The built-in corpus is real code and prose found on every machine that runs meshweave: the
+  Python standard library's own source files (docstrings, comments and code), read in a fixed
+  order. `source: path` reads the user's text files instead.
+- Packing concatenates documents ([BOS] text [EOS]) and cuts rows of seq_len + 1 tokens. Each row
+  records per-token document ids and positions that restart at every document start, so that
+  attention can be masked per document (also across sequence-parallel shards).
+- `synthetic_documents` draws long-tailed document lengths for benchmarks of variable-length work.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from meshweave.runtime.tokenizer import ByteTokenizer
+
+IGNORE_INDEX = -100
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
+
+
+@dataclass
+class Batch:
+    """A batch of packed rows. All tensors (B, S)."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor  # next token, IGNORE_INDEX where it would cross into another document
+    position_ids: torch.Tensor  # restart at 0 at every document start within the row
+    document_ids: torch.Tensor  # 0, 1, 2... per row, in order of appearance
+
+    def slice(self, start: int, stop: int) -> Batch:
+        return Batch(*(t[start:stop] for t in (self.tokens, self.labels, self.position_ids, self.document_ids)))
+
+    def num_targets(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+def builtin_documents(max_bytes: int) -> list[str]:
+    """Python standard-library source files, sorted by path, up to max_bytes in total."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return read_documents(sorted(p for p in root.glob("*.py")), max_bytes)
+
+
+def path_documents(path: str | Path, max_bytes: int) -> list[str]:
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES and f.is_file())
+    return read_documents(files, max_bytes)
+
+
+def read_documents(files: list[Path], max_bytes: int) -> list[str]:
+    docs, total = [], 0
+    for f in files:
+        text = f.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            continue
+        docs.append(text[: max_bytes - total])
+        total += len(docs[-1])
+        if total >= max_bytes:
+            break
+    if not docs:
+        raise ValueError(f"no text found in {len(files)} file(s)")
+    return docs
+
+
+def synthetic_documents(n: int, mean_len: int, max_len: int, vocab_size: int, seed: int) -> list[torch.Tensor]:
+    """Token documents with log-normal (long-tailed) lengths: many short ones, a few very long."""
+    g = torch.Generator().manual_seed(seed)
+    sigma = 1.0
+    mu = torch.log(torch.tensor(float(mean_len))) - sigma ** 2 / 2
+    lengths = torch.exp(mu + sigma * torch.randn(n, generator=g)).clamp(2, max_len).long()
+    return [torch.randint(0, vocab_size, (int(n_tok),), generator=g) for n_tok in lengths]
+
+
+def encode_documents(texts: list[str]) -> list[torch.Tensor]:
+    """Byte-tokenize each text as [BOS] bytes [EOS] (vectorised: the corpus is megabytes)."""
+    tok = ByteTokenizer()
+    out = []
+    for text in texts:
+        body = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+        out.append(torch.cat([torch.tensor([tok.BOS]), body, torch.tensor([tok.EOS])]))
+    return out
+
+
+class PackedDataset:
+    """Rows of seq_len tokens cut from the concatenation of all documents, with boundaries kept."""
+
+    def __init__(self, token_docs: list[torch.Tensor], seq_len: int) -> None:
+        self.seq_len = seq_len
+        self.tokens = torch.cat(token_docs).to(torch.int32)
+        lengths = torch.tensor([len(d) for d in token_docs])
+        self.doc_index = torch.repeat_interleave(torch.arange(len(token_docs)), lengths)
+        self.num_rows = (len(self.tokens) - 1) // seq_len
+        if self.num_rows < 1:
+            raise ValueError(f"corpus of {len(self.tokens)} tokens is too small for seq_len {seq_len}")
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def batch(self, rows: list[int]) -> Batch:
+        return Batch(*(torch.stack(t) for t in zip(*(self._row(r) for r in rows))))
+
+    def _row(self, r: int) -> tuple[torch.Tensor, ...]:
+        lo, hi = r * self.seq_len, (r + 1) * self.seq_len
+        window, docs = self.tokens[lo:hi + 1].long(), self.doc_index[lo:hi + 1]
+        tokens, labels = window[:-1], window[1:].clone()
+        labels[docs[1:] != docs[:-1]] = IGNORE_INDEX  # never predict across a document boundary
+        local_docs = docs[:-1]
+        starts = torch.ones_like(local_docs, dtype=torch.bool)
+        starts[1:] = local_docs[1:] != local_docs[:-1]
+        document_ids = torch.cumsum(starts.long(), 0) - 1
+        start_index = torch.cummax(torch.where(starts, torch.arange(len(starts)), 0), 0).values
+        positions = torch.arange(len(starts)) - start_index
+        return tokens, labels, positions, document_ids
+
+
+def build_dataset(source: str, path: str | None, max_bytes: int, seq_len: int, vocab_size: int, seed: int,
+                  synthetic_mean_len: int = 256, synthetic_max_len: int = 4096) -> PackedDataset:
+    if source == "synthetic":
+        n = max(8, max_bytes // max(1, synthetic_mean_len))
+        docs = synthetic_documents(n, synthetic_mean_len, synthetic_max_len, vocab_size, seed)
+        return PackedDataset(docs, seq_len)
+    texts = builtin_documents(max_bytes) if source == "builtin" else path_documents(path, max_bytes)
+    return PackedDataset(encode_documents(texts), seq_len)
+
+
+class SamplerStateError(ValueError):
+    pass
+
+
+class DistributedSampler:
+    """Deterministic shuffled order of rows, consumed a global batch at a time, split over dp ranks.
+
+    The position is kept in *global* rows consumed, so the same state describes the stream for
+    any data-parallel degree: data-parallel rank r of dp takes the r-th slice of each global batch.
+    The dp degree is recorded; loading under another degree is refused unless `allow_dp_change`
+    (the checkpoint layer allows it: the global position makes the reshard exact).
+    """
+
+    def __init__(self, num_rows: int, global_batch: int, dp_rank: int, dp_degree: int, seed: int) -> None:
+        if global_batch % dp_degree:
+            raise ValueError(f"global batch {global_batch} is not divisible by dp degree {dp_degree}")
+        self.num_rows, self.global_batch, self.seed = num_rows, global_batch, seed
+        self.dp_rank, self.dp_degree = dp_rank, dp_degree
+        self.epoch, self.position = 0, 0
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + epoch))
+
+    def next_global_rows(self) -> list[int]:
+        """The rows of the next global batch (wrapping into the next epoch when needed)."""
+        rows: list[int] = []
+        while len(rows) < self.global_batch:
+            order = self._order(self.epoch)
+            take = order[self.position:self.position + self.global_batch - len(rows)].tolist()
+            rows += take
+            self.position += len(take)
+            if self.position >= self.num_rows:
+                self.epoch, self.position = self.epoch + 1, 0
+        return rows
+
+    def next_local_rows(self) -> list[int]:
+        rows = self.next_global_rows()
+        per_rank = self.global_batch // self.dp_degree
+        return rows[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "dp_degree": self.dp_degree,
+                "global_batch": self.global_batch, "num_rows": self.num_rows, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int], allow_dp_change: bool = False) -> None:
+        if state["num_rows"] != self.num_rows or state["seed"] != self.seed:
+            raise SamplerStateError(
+                f"data sampler state is for {state['num_rows']} rows / seed {state['seed']}, but this run has "
+                f"{self.num_rows} rows / seed {self.seed}: the dataset or train.seq_len/seed changed")
+        if state["dp_degree"] != self.dp_degree and not allow_dp_change:
+            raise SamplerStateError(
+                f"data sampler state was saved with dp={state['dp_degree']} but this run has dp={self.dp_degree}; "
+                f"resume with the same data-parallel degree, or load through the checkpointer, which reshards")
+        self.epoch, self.position = state["epoch"], state["position"]

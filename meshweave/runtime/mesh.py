@@ -1,0 +1,147 @@
+"""ParallelDims: degrees -> a named DeviceMesh (pp, dp, sp, tp) and the CommGroups every feature uses.
+
+Rank order: pp outermost, tp innermost (tensor-parallel peers are neighbours, i.e. on one node
+with fast links), sp next to tp, dp between. Axes by purpose:
+- "pp": pipeline stage peers (P2P activations).
+- "dp": data-parallel replicas; "sp": sequence shards; "tp": tensor shards.
+- "dp_sp": dp x sp flattened — the gradient-reduction / FSDP axis and the loss / token-count axis
+  (SP ranks see different tokens of the same sequences, so they act like data parallelism for
+  weights and gradients).
+A degree-1 axis keeps its name, so code never has to ask whether an axis exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import product
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from meshweave.comm import CommGroup, CommLedger
+
+MESH_AXES = ("pp", "dp", "sp", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    pp: int
+    dp: int
+    sp: int
+    tp: int
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp * self.sp * self.tp
+
+    def shape(self) -> tuple[int, ...]:
+        return tuple(getattr(self, a) for a in MESH_AXES)
+
+    def coordinate(self, rank: int) -> dict[str, int]:
+        """Mesh coordinate of a global rank, by axis name."""
+        coords = {}
+        for axis in reversed(MESH_AXES):
+            size = getattr(self, axis)
+            coords[axis] = rank % size
+            rank //= size
+        return {a: coords[a] for a in MESH_AXES}
+
+    def rank_of(self, **coords: int) -> int:
+        rank = 0
+        for axis in MESH_AXES:
+            rank = rank * getattr(self, axis) + coords.get(axis, 0)
+        return rank
+
+    def groups(self, axes: tuple[str, ...]) -> list[list[int]]:
+        """Every group of ranks that differ only along `axes` (a partition of the world), in a fixed order."""
+        fixed = [a for a in MESH_AXES if a not in axes]
+        out = []
+        for fixed_coords in product(*(range(getattr(self, a)) for a in fixed)):
+            base = dict(zip(fixed, fixed_coords))
+            members = [self.rank_of(**base, **dict(zip(axes, c))) for c in product(*(range(getattr(self, a)) for a in axes))]
+            out.append(members)
+        return out
+
+
+@dataclass
+class Mesh:
+    """The live mesh of one rank: DeviceMesh plus accounted CommGroups by axis name."""
+
+    dims: ParallelDims
+    device_mesh: DeviceMesh
+    ledger: CommLedger
+    flat_meshes: dict[str, DeviceMesh] = field(default_factory=dict)
+    _groups: dict[str, CommGroup] = field(default_factory=dict)
+    _owned_pgs: list[dist.ProcessGroup] = field(default_factory=list)
+
+    def group(self, name: str) -> CommGroup:
+        """CommGroup for an axis ("pp", "dp", "sp", "tp", "dp_sp", "world") containing this rank."""
+        if name not in self._groups:
+            raise KeyError(f"no mesh group {name!r}; valid: {', '.join(sorted(self._groups))}")
+        return self._groups[name]
+
+    def submesh(self, name: str) -> DeviceMesh:
+        """DeviceMesh view for an axis or flattened axes (for FSDP2/DTensor), e.g. "tp" or "dp_sp"."""
+        return self.flat_meshes[name] if name in self.flat_meshes else self.device_mesh[name]
+
+    @property
+    def coordinate(self) -> dict[str, int]:
+        return self.dims.coordinate(dist.get_rank())
+
+    def carve_subgroups(self, axes: tuple[str, ...] = ("dp", "sp"), sizes: list[int] | None = None) -> dict[int, CommGroup]:
+        """Sub-groups of varying size out of the ranks along `axes` (default dp x sp), created once.
+
+        For each size s (default: every power of two up to the axes' product), the ranks along
+        `axes` are split into consecutive groups of s. Every rank calls new_group for every group
+        in the same order (a gloo/NCCL requirement). Returns {size: this rank's group of that size}.
+        """
+        span = 1
+        for a in axes:
+            span *= getattr(self.dims, a)
+        sizes = sizes or [1 << i for i in range(span.bit_length()) if (1 << i) <= span and span % (1 << i) == 0]
+        mine: dict[int, CommGroup] = {}
+        me = dist.get_rank()
+        for size in sizes:
+            if span % size:
+                raise ValueError(f"sub-group size {size} does not divide the {'x'.join(axes)} span {span}")
+            for line in self.dims.groups(axes):
+                for start in range(0, span, size):
+                    ranks = line[start:start + size]
+                    pg = dist.new_group(ranks) if size > 1 else None
+                    if pg is not None:
+                        self._owned_pgs.append(pg)
+                    if me in ranks:
+                        mine[size] = CommGroup(f"{'_'.join(axes)}{size}", pg, ranks, self.ledger)
+        return mine
+
+    def close(self) -> None:
+        """Destroy the sub-groups this mesh created (the DeviceMesh's own groups live with the default group)."""
+        for pg in self._owned_pgs:
+            dist.destroy_process_group(pg)
+        self._owned_pgs.clear()
+
+
+def build_mesh(dims: ParallelDims, device_type: str, ledger: CommLedger | None = None) -> Mesh:
+    """Create the DeviceMesh (needs the default process group) and a CommGroup per axis."""
+    if dist.get_world_size() != dims.world_size:
+        raise ValueError(f"mesh {dims} needs {dims.world_size} ranks but the world has {dist.get_world_size()}")
+    ledger = ledger or CommLedger()
+    device_mesh = init_device_mesh(device_type, dims.shape(), mesh_dim_names=MESH_AXES)
+    mesh = Mesh(dims, device_mesh, ledger, {"dp_sp": device_mesh["dp", "sp"]._flatten("dp_sp")})
+    for name in ("pp", "dp", "sp", "tp", "dp_sp"):
+        pg = mesh.submesh(name).get_group()
+        mesh._groups[name] = CommGroup(name, pg, dist.get_process_group_ranks(pg), ledger)
+    mesh._groups["world"] = CommGroup("world", dist.group.WORLD, list(range(dims.world_size)), ledger)
+    return mesh
+
+
+def device_type_for(requested: str) -> str:
+    """"auto" -> cuda when available, else cpu."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def backend_for(device_type: str) -> str:
+    return "nccl" if device_type == "cuda" else "gloo"

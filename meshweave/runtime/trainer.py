@@ -1,0 +1,115 @@
+"""The training loop: one optimizer step at a time, layout-agnostic.
+
+Loss normalisation: every rank divides its summed token loss by the number of target tokens in
+the whole global batch (all-reduced over the data-parallel axis), and gradients are summed over
+dp x sp. Any layout therefore computes exactly the gradient one process would on the same batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn as nn
+
+from meshweave.parallel.runner import StepRunner
+from meshweave.runtime.data import DistributedSampler, PackedDataset
+from meshweave.runtime.mesh import Mesh
+from meshweave.runtime.metrics import MetricsLogger, StepMetrics
+from meshweave.runtime.optim import clip_grad_norm
+from meshweave.runtime.schema import Config
+
+
+class CheckpointHooks(Protocol):
+    def load_latest(self, app_state: dict[str, Any]) -> int | None: ...
+    def before_optimizer_step(self) -> None: ...
+    def after_optimizer_step(self, step: int, app_state: dict[str, Any], final_step: bool = False) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class TrainingParts:
+    cfg: Config
+    mesh: Mesh
+    device: torch.device
+    runner: StepRunner
+    model_parts: list[nn.Module]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    dataset: PackedDataset
+    sampler: DistributedSampler
+    metrics: MetricsLogger
+    checkpointer: CheckpointHooks | None = None
+    app_state: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, parts: TrainingParts) -> None:
+        self.p = parts
+        self.step = 0
+        self.losses: list[float] = []
+
+    # --- state that is not model/optimizer/data (checkpointed as "trainer") ----------------
+    def state_dict(self) -> dict[str, Any]:
+        state = {"step": self.step, "scheduler": self.p.scheduler.state_dict(), "rng_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.p.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if "rng_cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["rng_cuda"])
+
+    # --- loop -----------------------------------------------------------------------------
+    def train(self) -> list[float]:
+        """Resume if a checkpoint exists, run to train.steps, return the losses of the steps run."""
+        ckpt, first = self.p.checkpointer, self.step
+        if ckpt is not None and self.p.cfg.checkpoint.resume:
+            resumed = ckpt.load_latest(self.p.app_state)
+            if resumed is not None:
+                first = self.step
+                self._say(f"resumed from checkpoint at step {resumed}")
+        try:
+            while self.step < self.p.cfg.train.steps:
+                self.p.metrics.log(self.train_step(), first_step=first)
+        finally:
+            if ckpt is not None:
+                ckpt.close()
+            self.p.metrics.close()
+        return self.losses
+
+    def train_step(self) -> StepMetrics:
+        start = time.perf_counter()
+        p, mesh = self.p, self.p.mesh
+        batch = p.dataset.batch(p.sampler.next_local_rows())
+        global_targets = int(mesh.group("dp").all_reduce(torch.tensor(float(batch.num_targets()), dtype=torch.float64)))
+        local_loss = p.runner.forward_backward(batch, global_targets)
+        loss = self._global_loss(local_loss) / global_targets
+        grad_norm = clip_grad_norm(p.model_parts, p.cfg.train.grad_clip, mesh.group("pp"))
+        if p.checkpointer is not None:
+            p.checkpointer.before_optimizer_step()
+        lr = p.optimizer.param_groups[0]["lr"]
+        p.optimizer.step()
+        p.scheduler.step()
+        p.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.losses.append(loss)
+        if p.checkpointer is not None:
+            p.checkpointer.after_optimizer_step(self.step, p.app_state, final_step=self.step == p.cfg.train.steps)
+        tokens = p.cfg.train.global_batch * p.cfg.train.seq_len
+        return StepMetrics(self.step, loss, float(grad_norm), lr, tokens, time.perf_counter() - start)
+
+    def _global_loss(self, local_loss: torch.Tensor) -> float:
+        """Sum of token losses over the global batch: over dp x sp, and over pp (only the last stage has it)."""
+        total = self.p.mesh.group("dp_sp").all_reduce(local_loss.double().reshape(1).clone())
+        total = self.p.mesh.group("pp").all_reduce(total)
+        return float(total)
+
+    def _say(self, message: str) -> None:
+        if self.p.metrics.rank == 0:
+            print(f"meshweave: {message}", flush=True)
