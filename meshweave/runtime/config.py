@@ -127,6 +127,11 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
         return [_convert(args[0], v, name) for v in value]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # PyYAML (YAML 1.1) reads 1e-3 as a string: accept it as a number
+        except ValueError:
+            pass
     if tp is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
