@@ -1,1 +1,31 @@
-"""meshweave.attention"""
+"""Sequence-parallel attention: local, Ulysses, Ring (zigzag), TokenRing and USP behind one op.
+
+Public API:
+    build_attention_op(method, group=None, *, ulysses_group=None, ring_group=None, scale=None, backend="auto")
+    shard_sequence(x, method, rank, size, dim=1, ulysses_degree=None) / unshard_sequence(shards, method, dim=1, ...)
+    validate_sp(method, n_heads, n_kv_heads, sp, seq_len, usp_ulysses=None) -> list[str]
+    usp_rank_groups(sp_ranks, ulysses_degree) -> (ulysses groups, ring groups)
+    METHODS
+"""
+
+from meshweave.attention.layout import METHODS, shard_indices, shard_segments, shard_sequence, unshard_sequence
+from meshweave.attention.local import block_backward, block_forward
+from meshweave.attention.merge import merge_partials
+from meshweave.attention.op import SequenceParallelAttention, build_attention_op
+from meshweave.attention.usp import usp_rank_groups
+from meshweave.attention.validate import validate_sp
+
+__all__ = [
+    "METHODS",
+    "SequenceParallelAttention",
+    "block_backward",
+    "block_forward",
+    "build_attention_op",
+    "merge_partials",
+    "shard_indices",
+    "shard_segments",
+    "shard_sequence",
+    "unshard_sequence",
+    "usp_rank_groups",
+    "validate_sp",
+]

@@ -1,0 +1,150 @@
+"""Ring attention: Q stays, K/V travel around the ring; zigzag layout balances causal work.
+
+Hand-written because no maintained library runs a ring with packed-document masks on gloo/CPU
+through our accounted CommGroup (torch's `_templated_ring_attention` is private API and has no
+document masking; ring-flash-attn needs CUDA).
+
+Forward, rank r of P: at step s it holds the K/V block of rank (r - s) mod P. The transfer of the
+next block (send to r+1, receive from r-1) is posted *before* the current block is computed, so
+on a backend with asynchronous P2P they overlap. Partials are merged in fp32 (fp64 for fp64).
+Backward: K/V go around again; each rank adds its dK/dV contribution for the block it holds to an
+accumulator that travels with the block one step behind and, after P hops, arrives home.
+
+Communication per call (elements; e = input element size, a = accumulation element size,
+KV = 2 * B * H_kv * S_local * D):
+    forward : P-1 sends + P-1 receives of KV * e           (+1 all_gather of document ids)
+    backward: P-1 sends + P-1 receives of KV * e, then P sends + P receives of KV * a (dK/dV)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from meshweave.attention.local import accum_dtype, block_backward, block_forward
+from meshweave.attention.masks import BlockCall, Segment, plan_block
+from meshweave.attention.merge import PartialAccumulator
+from meshweave.attention.ring_comm import gather_shards, next_rank, prev_rank, start_exchange
+from meshweave.comm import CommGroup
+
+Plan = list[BlockCall]
+
+
+def step_plans(
+    group: CommGroup,
+    q_owner_of_step,
+    kv_owner_of_step,
+    segments: Sequence[Sequence[Segment]],
+    causal: bool,
+    docs: Sequence[torch.Tensor] | None,
+) -> list[Plan]:
+    """For each step s, the kernel calls for (queries of q_owner(s)) x (keys of kv_owner(s))."""
+    plans = []
+    for s in range(group.size):
+        qo, ko = q_owner_of_step(s), kv_owner_of_step(s)
+        plans.append(plan_block(segments[qo], segments[ko], causal, docs[qo] if docs else None, docs[ko] if docs else None))
+    return plans
+
+
+def attend_block(q, k, v, plan: Plan, acc: PartialAccumulator, scale: float, backend: str) -> None:
+    """Merge the partials of every call of `plan` into `acc`. No communication."""
+    for call in plan:
+        out, lse = block_forward(q[:, :, call.q_rows], k[:, :, call.k_rows], v[:, :, call.k_rows], call.mask, scale, backend)
+        acc.add(call.q_rows, out, lse)
+
+
+def attend_block_backward(dout, q, k, v, out, lse, plan: Plan, dq, dk, dv, scale: float, backend: str) -> None:
+    """Add the block's gradient contributions into dq (query rows) and dk, dv (key rows)."""
+    for call in plan:
+        r, c = call.q_rows, call.k_rows
+        gq, gk, gv = block_backward(
+            dout[:, :, r], q[:, :, r], k[:, :, c], v[:, :, c], out[:, :, r], lse[:, :, r], call.mask, scale, backend
+        )
+        dq[:, :, r] += gq
+        dk[:, :, c] += gk
+        dv[:, :, c] += gv
+
+
+def _ring_forward(q, k, v, group: CommGroup, plans: list[Plan], scale: float, backend: str):
+    acc = PartialAccumulator(q, accum_dtype(q.dtype))
+    kv = torch.stack([k, v])
+    for s in range(group.size):
+        work = None
+        if s < group.size - 1:
+            incoming = torch.empty_like(kv)
+            work = start_exchange(group, [(kv, next_rank(group))], [(incoming, prev_rank(group))])
+        attend_block(q, kv[0], kv[1], plans[s], acc, scale, backend)
+        if work is not None:
+            work.wait()
+            kv = incoming
+    return acc.out, acc.lse
+
+
+def _ring_backward(dout, q, k, v, out, lse, group: CommGroup, plans: list[Plan], scale: float, backend: str):
+    acc = accum_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    kv = torch.stack([k, v])
+    dkv_done = None  # accumulator of the block held in the previous step, ready to travel on
+    for s in range(group.size):
+        sends, recvs = [], []
+        if s < group.size - 1:
+            kv_next = torch.empty_like(kv)
+            sends.append((kv, next_rank(group)))
+            recvs.append((kv_next, prev_rank(group)))
+        if s > 0:
+            dkv_in = torch.empty(kv.shape, dtype=acc, device=kv.device)
+            sends.append((dkv_done, next_rank(group)))
+            recvs.append((dkv_in, prev_rank(group)))
+        work = start_exchange(group, sends, recvs)
+        dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
+        attend_block_backward(dout, q, kv[0], kv[1], out, lse, plans[s], dq, dkv[0], dkv[1], scale, backend)
+        work.wait()
+        if s > 0:
+            dkv += dkv_in
+        dkv_done = dkv
+        if s < group.size - 1:
+            kv = kv_next
+    if group.size > 1:  # the last accumulator is one hop from home
+        home = torch.empty_like(dkv_done)
+        start_exchange(group, [(dkv_done, next_rank(group))], [(home, prev_rank(group))]).wait()
+        dkv_done = home
+    return dq, dkv_done[0], dkv_done[1]
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, plans, scale, backend):
+        out, lse = _ring_forward(q, k, v, group, plans, scale, backend)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.plans, ctx.scale, ctx.backend = group, plans, scale, backend
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, ctx.group, ctx.plans, ctx.scale, ctx.backend)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: CommGroup,
+    segments: Sequence[Sequence[Segment]],
+    causal: bool,
+    scale: float,
+    document_ids: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Ring attention of this rank's q (B,H,S,D) over every rank's k, v (B,H_kv,S,D); returns out (B,H,S,D).
+
+    segments[i]: the global position runs held by group rank i (e.g. its zigzag pair).
+    document_ids: (B, S) ids of this rank's tokens, or None. Communicates: see the module docstring
+    (one all_gather of document ids when given; none at all when the group has size 1).
+    """
+    docs = gather_shards(document_ids, group) if document_ids is not None else None
+    r, p = group.rank, group.size
+    plans = step_plans(group, lambda s: r, lambda s: (r - s) % p, segments, causal, docs)
+    return _RingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), group, plans, scale, backend)

@@ -1,0 +1,60 @@
+"""DeepSpeed-Ulysses attention: all-to-all to head-sharded, full-sequence attention, all-to-all back.
+
+Hand-written rather than wrapping DeepSpeed's `DistributedAttention` so that the all-to-alls go
+through our accounted CommGroup, GQA with fewer kv heads than ranks works (kv heads replicated,
+exact because autograd sums the replicas' gradients), and packed documents are masked.
+
+Each rank sends its (B, S/P, H, D) shard and receives (B, S, H/P, D): it then sees the whole
+sequence for H/P heads, so causal attention needs no load balancing (contiguous layout).
+
+Communication per call: forward 4 all_to_all (q, k, v, out), backward 4 (dout, dq, dk, dv), each
+with payload = the local tensor (q/out: B*S_local*H*D, k/v: B*S_local*max(H_kv, P)*D elements);
+plus 1 all_gather of document ids when they are given.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from meshweave.attention.masks import Segment
+from meshweave.attention.ring import ring_attention
+from meshweave.attention.ulysses_comm import head_to_seq, seq_to_head
+from meshweave.comm import CommGroup, single_process_group
+
+
+def replicate_kv_heads(k: torch.Tensor, v: torch.Tensor, degree: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repeat kv heads (dim 2) so that `degree` divides their count (needs degree % H_kv == 0)."""
+    h_kv = k.shape[2]
+    if h_kv % degree == 0:
+        return k, v
+    if degree % h_kv:
+        raise ValueError(f"ulysses needs kv heads ({h_kv}) divisible by, or dividing, the ulysses degree ({degree})")
+    rep = degree // h_kv
+    return k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+
+
+def gather_sequence_ids(ids: torch.Tensor | None, group: CommGroup) -> torch.Tensor | None:
+    """(B, S_local) ids of every rank of `group`, concatenated along the sequence in rank order.
+
+    Communicates: one all_gather (none when ids is None or the group has size 1).
+    """
+    return None if ids is None else group.all_gather(ids.contiguous(), dim=1)
+
+
+def ulysses_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: CommGroup,
+    causal: bool,
+    scale: float,
+    document_ids: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """q (B,S_local,H,D), k/v (B,S_local,H_kv,D) in the contiguous layout -> out (B,S_local,H,D)."""
+    k, v = replicate_kv_heads(k, v, group.size)
+    qh, kh, vh = (seq_to_head(t, group).transpose(1, 2) for t in (q, k, v))
+    docs = gather_sequence_ids(document_ids, group)
+    local = single_process_group(f"{group.name}/local", group.ledger)
+    out = ring_attention(qh, kh, vh, local, [[Segment(0, qh.shape[2])]], causal, scale, docs, backend)
+    return head_to_seq(out.transpose(1, 2), group)

@@ -1,0 +1,60 @@
+"""Static checks of a sequence-parallel layout: heads and sequence length vs method and degree.
+
+The config layer calls `validate_sp` before any process starts; the ops call it again on the
+actual shapes. Pure arithmetic: no communication.
+"""
+
+from __future__ import annotations
+
+from meshweave.attention.layout import METHODS
+
+
+def _heads_ok(n_heads: int, n_kv_heads: int, degree: int) -> bool:
+    return n_heads % degree == 0 and (n_kv_heads % degree == 0 or degree % n_kv_heads == 0)
+
+
+def _max_ulysses(n_heads: int, n_kv_heads: int, sp: int) -> int:
+    return max(d for d in range(1, sp + 1) if sp % d == 0 and _heads_ok(n_heads, n_kv_heads, d))
+
+
+def validate_sp(
+    method: str, n_heads: int, n_kv_heads: int, sp: int, seq_len: int, usp_ulysses: int | None = None
+) -> list[str]:
+    """One-line error messages (field, problem, fix) for an SP layout; [] when it is valid."""
+    errors: list[str] = []
+    if method not in METHODS:
+        return [f"parallel.sp_method: unknown method {method!r}; use one of {', '.join(METHODS)}"]
+    if sp < 1:
+        return [f"parallel.sp: must be >= 1, got {sp}"]
+    if n_kv_heads < 1 or n_heads % n_kv_heads:
+        errors.append(f"model.n_heads ({n_heads}) must be a multiple of model.n_kv_heads ({n_kv_heads})")
+    if method == "local" and sp != 1:
+        errors.append(f"parallel.sp: method local runs on one rank, got sp={sp}; use sp_method: ulysses, ring, tokenring or usp")
+    if method == "ulysses":
+        if n_heads % sp:
+            errors.append(
+                f"parallel.sp: ulysses needs model.n_heads ({n_heads}) divisible by sp ({sp}); "
+                f"use sp_method: ring, or usp with ulysses <= {_max_ulysses(n_heads, n_kv_heads, sp)}"
+            )
+        elif n_kv_heads % sp and sp % n_kv_heads:
+            errors.append(
+                f"parallel.sp: ulysses needs model.n_kv_heads ({n_kv_heads}) divisible by sp ({sp}) or dividing it; "
+                f"use sp_method: ring, or usp with ulysses <= {_max_ulysses(n_heads, n_kv_heads, sp)}"
+            )
+        if seq_len % sp:
+            errors.append(f"data.seq_len: ulysses needs seq_len ({seq_len}) divisible by sp ({sp}); pad it to a multiple of {sp}")
+    if method in ("ring", "tokenring", "usp") and seq_len % (2 * sp):
+        errors.append(
+            f"data.seq_len: {method} (zigzag layout) needs seq_len ({seq_len}) divisible by 2*sp ({2 * sp}); "
+            f"pad it to a multiple of {2 * sp}"
+        )
+    if method == "usp":
+        if usp_ulysses is None or usp_ulysses < 1 or sp % usp_ulysses:
+            errors.append(f"parallel.usp_ulysses: must be set to a divisor of sp ({sp}), got {usp_ulysses}")
+        elif not _heads_ok(n_heads, n_kv_heads, usp_ulysses):
+            errors.append(
+                f"parallel.usp_ulysses: needs model.n_heads ({n_heads}) divisible by it ({usp_ulysses}) and "
+                f"model.n_kv_heads ({n_kv_heads}) divisible by or dividing it; use usp_ulysses <= "
+                f"{_max_ulysses(n_heads, n_kv_heads, sp)}"
+            )
+    return errors
