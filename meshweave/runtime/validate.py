@@ -27,11 +27,13 @@ def check(cfg: Config, world_size: int) -> None:
 
 
 def validate(cfg: Config, world_size: int) -> list[str]:
-    problems: list[str] = []
+    """Problems of the first failing rule group (later rules assume the earlier ones hold)."""
     for rule in (_degrees, _model, _tensor_parallel, _pipeline, _sequence_parallel, _batch, _train, _data,
                  _checkpoint, _paths):
-        problems += rule(cfg, world_size)
-    return problems
+        problems = rule(cfg, world_size)
+        if problems:
+            return problems
+    return []
 
 
 def resolved_dp(cfg: Config, world_size: int) -> int:

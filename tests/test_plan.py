@@ -1,0 +1,56 @@
+"""`meshweave plan` describes a 64-rank layout without starting any process."""
+
+import subprocess
+import sys
+
+from meshweave.launch.plan import bubble_fraction, render_plan
+from meshweave.runtime.build import parallel_dims
+from meshweave.runtime.config import load_config
+from meshweave.runtime.mesh import ParallelDims
+
+
+def test_rank_layout_groups_partition_the_world():
+    dims = ParallelDims(pp=2, dp=4, sp=2, tp=4)
+    for axes in (("pp",), ("dp",), ("sp",), ("tp",), ("dp", "sp")):
+        groups = dims.groups(axes)
+        assert sorted(r for g in groups for r in g) == list(range(64))
+        size = 1
+        for a in axes:
+            size *= getattr(dims, a)
+        assert all(len(g) == size for g in groups)
+    assert dims.groups(("tp",))[0] == [0, 1, 2, 3]  # tp innermost: neighbours
+    assert dims.coordinate(37) == {"pp": 1, "dp": 0, "sp": 1, "tp": 1}
+    assert dims.rank_of(pp=1, dp=0, sp=1, tp=1) == 37
+
+
+def test_plan_for_64_ranks_via_cli():
+    args = ["plan", "--world-size", "64", "--set", "parallel.tp=4", "--set", "parallel.pp=2",
+            "--set", "parallel.sp=2", "--set", "parallel.microbatches=4", "--set", "train.global_batch=32",
+            "--set", "train.seq_len=1024"]
+    proc = subprocess.run([sys.executable, "-m", "meshweave", *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "mesh (pp, dp, sp, tp) = (2, 4, 2, 4) over 64 ranks" in out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit() and len(line.split()) >= 9]
+    assert [int(r[0]) for r in rows] == list(range(64))
+    row37 = rows[37]
+    assert row37[1:5] == ["1", "0", "1", "1"]  # pp dp sp tp of rank 37
+    assert row37[5] == "2-3"  # layers of stage 1 of 4 layers on 2 stages
+    assert row37[8] == "36,37,38,39"  # its tensor-parallel peers
+    assert "bubble fraction 0.200" in out  # 1F1B, p=2, m=4: (p-1)/(m+p-1)
+    assert "memory per rank" in out and "parameters" in out
+
+
+def test_memory_estimate_shrinks_with_sharding():
+    base = load_config(None, ["train.global_batch=8"])
+    one = render_plan(base, parallel_dims(base, 1))
+    sharded = load_config(None, ["train.global_batch=8", "parallel.tp=2"])
+    two = render_plan(sharded, parallel_dims(sharded, 8))
+    gib = lambda text: float(text.split("GiB weights")[0].split()[-1])  # noqa: E731
+    assert gib(two) < gib(one) / 7  # tp=2 x fsdp over dp=4: about 8x less state
+
+
+def test_bubble_fraction_formulas():
+    assert bubble_fraction("1f1b", 4, 12, 1) == 3 / 15
+    assert bubble_fraction("interleaved1f1b", 4, 12, 2) == 3 / 27
+    assert bubble_fraction("gpipe", 1, 12, 1) == 0.0
