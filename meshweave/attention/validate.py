@@ -42,19 +42,19 @@ def validate_sp(
                 f"use sp_method: ring, or usp with ulysses <= {_max_ulysses(n_heads, n_kv_heads, sp)}"
             )
         if seq_len % sp:
-            errors.append(f"data.seq_len: ulysses needs seq_len ({seq_len}) divisible by sp ({sp}); pad it to a multiple of {sp}")
+            errors.append(f"train.seq_len: ulysses needs seq_len ({seq_len}) divisible by sp ({sp}); pad it to a multiple of {sp}")
     if method in ("ring", "tokenring", "usp") and seq_len % (2 * sp):
         errors.append(
-            f"data.seq_len: {method} (zigzag layout) needs seq_len ({seq_len}) divisible by 2*sp ({2 * sp}); "
+            f"train.seq_len: {method} (zigzag layout) needs seq_len ({seq_len}) divisible by 2*sp ({2 * sp}); "
             f"pad it to a multiple of {2 * sp}"
         )
     if method == "usp":
         if usp_ulysses is None or usp_ulysses < 1 or sp % usp_ulysses:
-            errors.append(f"parallel.usp_ulysses: must be set to a divisor of sp ({sp}), got {usp_ulysses}")
+            errors.append(f"parallel.usp.ulysses: must be set to a divisor of sp ({sp}), got {usp_ulysses}")
         elif not _heads_ok(n_heads, n_kv_heads, usp_ulysses):
             errors.append(
-                f"parallel.usp_ulysses: needs model.n_heads ({n_heads}) divisible by it ({usp_ulysses}) and "
-                f"model.n_kv_heads ({n_kv_heads}) divisible by or dividing it; use usp_ulysses <= "
+                f"parallel.usp.ulysses: needs model.n_heads ({n_heads}) divisible by it ({usp_ulysses}) and "
+                f"model.n_kv_heads ({n_kv_heads}) divisible by or dividing it; use usp.ulysses <= "
                 f"{_max_ulysses(n_heads, n_kv_heads, sp)}"
             )
     return errors
