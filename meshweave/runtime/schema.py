@@ -37,13 +37,13 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 60  # optimizer steps
+    steps: int = 200  # optimizer steps
     global_batch: int = 8  # sequences per optimizer step, over all data-parallel ranks
     grad_accum: int = 1  # micro-steps per optimizer step on each data-parallel rank (no pipeline)
     seq_len: int = 256  # tokens per sequence
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 10  # linear warm-up steps
+    warmup_steps: int = 20  # linear warm-up steps
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -78,7 +78,7 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    every_steps: int = 5  # progress line every N steps (and at the last step)
+    every_steps: int = 10  # progress line every N steps (and at the last step)
     jsonl: bool = True  # each rank writes run_dir/metrics/rank<R>.jsonl
     tensorboard: bool = False  # write TensorBoard events when tensorboard is installed
 
