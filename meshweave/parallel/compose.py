@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from meshweave.parallel.data_parallel import apply_ddp, apply_fsdp
 from meshweave.parallel.runner import LocalRunner, StepRunner
+from meshweave.parallel.sequence import apply_sequence_parallel
 from meshweave.runtime.mesh import Mesh
 from meshweave.runtime.schema import Config
 
@@ -34,7 +35,7 @@ def parallelize(model: nn.Module, mesh: Mesh, cfg: Config, compute_dtype: torch.
         raise NotImplementedError("parallel.tp > 1 is not available yet")
     shard = None
     if p.sp > 1:
-        raise NotImplementedError("parallel.sp > 1 is not available yet")
+        shard = apply_sequence_parallel(model, mesh, p)
     if p.activation_checkpointing:
         apply_activation_checkpointing(model)
     wrapped = apply_data_parallel(model, mesh, cfg, compute_dtype)

@@ -89,31 +89,37 @@ class Mesh:
     def coordinate(self) -> dict[str, int]:
         return self.dims.coordinate(dist.get_rank())
 
+    def make_group(self, name: str, partition: list[list[int]]) -> CommGroup:
+        """Create every group of `partition` (all ranks must call this with the same partition, in the
+        same order, as gloo/NCCL require) and return the CommGroup that contains this rank."""
+        me, mine = dist.get_rank(), None
+        for ranks in partition:
+            pg = dist.new_group(ranks) if len(ranks) > 1 else None
+            if pg is not None:
+                self._owned_pgs.append(pg)
+            if me in ranks:
+                mine = CommGroup(name, pg, ranks, self.ledger)
+        if mine is None:
+            raise ValueError(f"rank {me} is in none of the groups of {name!r}: {partition}")
+        return mine
+
     def carve_subgroups(self, axes: tuple[str, ...] = ("dp", "sp"), sizes: list[int] | None = None) -> dict[int, CommGroup]:
         """Sub-groups of varying size out of the ranks along `axes` (default dp x sp), created once.
 
-        For each size s (default: every power of two up to the axes' product), the ranks along
-        `axes` are split into consecutive groups of s. Every rank calls new_group for every group
-        in the same order (a gloo/NCCL requirement). Returns {size: this rank's group of that size}.
+        For each size s (default: every power of two dividing the axes' product), the ranks along
+        `axes` are split into consecutive groups of s. Returns {size: this rank's group of that size}.
         """
         span = 1
         for a in axes:
             span *= getattr(self.dims, a)
-        sizes = sizes or [1 << i for i in range(span.bit_length()) if (1 << i) <= span and span % (1 << i) == 0]
-        mine: dict[int, CommGroup] = {}
-        me = dist.get_rank()
+        sizes = sizes or [1 << i for i in range(span.bit_length()) if span % (1 << i) == 0]
+        lines = self.dims.groups(axes)
         for size in sizes:
             if span % size:
                 raise ValueError(f"sub-group size {size} does not divide the {'x'.join(axes)} span {span}")
-            for line in self.dims.groups(axes):
-                for start in range(0, span, size):
-                    ranks = line[start:start + size]
-                    pg = dist.new_group(ranks) if size > 1 else None
-                    if pg is not None:
-                        self._owned_pgs.append(pg)
-                    if me in ranks:
-                        mine[size] = CommGroup(f"{'_'.join(axes)}{size}", pg, ranks, self.ledger)
-        return mine
+        return {size: self.make_group(f"{'_'.join(axes)}{size}",
+                                      [line[i:i + size] for line in lines for i in range(0, span, size)])
+                for size in sizes}
 
     def close(self) -> None:
         """Destroy the sub-groups this mesh created (the DeviceMesh's own groups live with the default group)."""

@@ -126,6 +126,9 @@ def _sequence_parallel(cfg: Config, world: int) -> list[str]:
         return [f"parallel.sp_method: {p.sp_method!r} is not one of {', '.join(SP_METHODS)}"]
     if p.sp == 1:
         return []
+    if p.sp_method == "usp" and p.usp.ulysses * p.usp.ring != p.sp:
+        return [f"parallel.usp: ulysses*ring = {p.usp.ulysses}*{p.usp.ring} = {p.usp.ulysses * p.usp.ring} must equal "
+                f"parallel.sp ({p.sp}); e.g. usp: {{ulysses: 2, ring: {max(1, p.sp // 2)}}}"]
     try:
         from meshweave.attention import validate_sp
     except ImportError:
