@@ -43,3 +43,17 @@ def test_dp2_equals_single_process(overrides, reference):
 def test_reference_actually_learns(reference):
     """Guard against comparing two broken runs: the loss must fall over the three steps."""
     assert reference["losses"][-1] < reference["losses"][0]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["parallel.dp=2", "parallel.dp_mode=fsdp", "train.dtype=bfloat16"],  # FSDP2 mixed precision: bf16 params in compute
+    ["parallel.dp=2", "parallel.dp_mode=ddp", "train.dtype=bfloat16"],  # autocast
+], ids=["fsdp-bf16", "ddp-bf16"])
+def test_bf16_compute_tracks_fp32(overrides, reference):
+    """bf16 compute with fp32 master weights: losses within bf16 rounding (~3 significant digits) of fp32,
+    and the master weights stay fp32."""
+    results = run_distributed(train_and_collect, 2, overrides)
+    for res in results:
+        torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(reference["losses"]), rtol=2e-2, atol=0)
+        assert all(p.dtype == torch.float32 for p in res["params"].values())
+        assert res["losses"] != reference["losses"]  # bf16 really was used
