@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from meshweave.parallel.runner import StepRunner
 from meshweave.runtime.data import DistributedSampler, PackedDataset
+from meshweave.runtime.faults import maybe_inject_fault
 from meshweave.runtime.mesh import Mesh
 from meshweave.runtime.metrics import MetricsLogger, StepMetrics
 from meshweave.runtime.optim import clip_grad_norm
@@ -101,6 +102,7 @@ class Trainer:
         self.losses.append(loss)
         if p.checkpointer is not None:
             p.checkpointer.after_optimizer_step(self.step, p.app_state, final_step=self.step == p.cfg.train.steps)
+        maybe_inject_fault(self.step, p.metrics.rank)
         tokens = p.cfg.train.global_batch * p.cfg.train.seq_len
         return StepMetrics(self.step, loss, float(grad_norm), lr, tokens, time.perf_counter() - start)
 
