@@ -63,5 +63,6 @@ def apply_data_parallel(model: nn.Module, mesh: Mesh, cfg: Config, compute_dtype
     if mesh.dims.dp * mesh.dims.sp == 1:
         return model
     if cfg.parallel.dp_mode == "fsdp":
-        return apply_fsdp(model, mesh.submesh("dp_sp"), compute_dtype, reshard_after_forward=cfg.parallel.pp == 1)
-    return apply_ddp(model, mesh.submesh("dp_sp"))
+        return apply_fsdp(model, mesh.submesh("dp_sp"), compute_dtype, reshard_after_forward=cfg.parallel.pp == 1,
+                          ledger=mesh.ledger, group_name="dp_sp:fsdp")
+    return apply_ddp(model, mesh.submesh("dp_sp"), ledger=mesh.ledger, group_name="dp_sp:ddp")

@@ -15,21 +15,41 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from meshweave.comm import CommLedger
+from meshweave.parallel.data_parallel_comm import CountedAllReduceState, count_fsdp_traffic, counted_allreduce_hook
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, reshard_after_forward: bool = True) -> nn.Module:
-    """Shard every transformer block, then the root (embeddings, norm, head), over `mesh`.
 
-    Communicates: all-gather of parameters before each block's forward/backward, reduce-scatter
-    of gradients after its backward (summed: divide factor 1).
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, reshard_after_forward: bool = True,
+               ledger: CommLedger | None = None, group_name: str = "dp_sp") -> nn.Module:
+    """Shard over `mesh` in units: the embeddings, each transformer block, [final norm + head], the root.
+
+    Communicates (recorded in `ledger` under `group_name`): an all-gather of a unit's parameters
+    before its forward and again before its backward, except [norm + head], which stays gathered
+    (its backward comes right after its forward); a reduce-scatter of each unit's gradients after
+    its backward (averaged over the mesh). Pieces a pipeline stage does not own (None) are skipped.
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for block in model.layers.values():
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+
+    def shard(modules, reshard: bool):
+        unit = fully_shard(modules, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        return unit[0] if isinstance(unit, list) else unit
+
+    units = [shard(model.tok_embeddings, reshard_after_forward)] if model.tok_embeddings is not None else []
+    units += [shard(block, reshard_after_forward) for block in model.layers.values()]
+    head = [m for m in (model.norm, model.output) if m is not None]
+    if head:
+        units.append(shard(head, False))
+    units.append(shard(model, reshard_after_forward))
+    if ledger is not None:
+        count_fsdp_traffic(units, ledger, group_name)
     return model
 
 
-def apply_ddp(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
-    """Replicate the model over `mesh`; gradients all-reduced (averaged) in buckets during backward."""
+def apply_ddp(model: nn.Module, mesh: DeviceMesh, ledger: CommLedger | None = None, group_name: str = "dp_sp") -> nn.Module:
+    """Replicate the model over `mesh`; gradients all-reduced (averaged) in buckets during backward,
+    each bucket recorded in `ledger` under `group_name`."""
     device_ids = [torch.cuda.current_device()] if mesh.device_type == "cuda" else None
-    return DistributedDataParallel(model, process_group=mesh.get_group(), device_ids=device_ids)
+    ddp = DistributedDataParallel(model, process_group=mesh.get_group(), device_ids=device_ids)
+    if ledger is not None:
+        ddp.register_comm_hook(CountedAllReduceState(mesh.get_group(), ledger, group_name), counted_allreduce_hook)
+    return ddp

@@ -15,6 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch.distributed.fsdp import FSDPModule
+from torch.nn.parallel import DistributedDataParallel
+
 from meshweave.runtime.data import IGNORE_INDEX, Batch
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -32,6 +35,16 @@ class StepRunner(Protocol):
     def forward_backward(self, batch: Batch, global_targets: int) -> torch.Tensor:
         """Accumulate gradients of sum(loss)/global_targets over `batch`; return the local loss sum."""
         ...
+
+
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Context in which backward reduces gradients over data parallelism only if `enabled`:
+    micro-steps before the last one of an accumulation just accumulate locally."""
+    if isinstance(model, DistributedDataParallel):
+        return nullcontext() if enabled else model.no_sync()
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+    return nullcontext()
 
 
 class LocalRunner:
@@ -52,15 +65,19 @@ class LocalRunner:
         for i in range(self.grad_accum):
             micro = batch.slice(i * per_step, (i + 1) * per_step)
             micro = self.shard(micro) if self.shard is not None else micro
-            device = next(self.model.parameters()).device
-            with self._autocast(device):
-                logits = self.model(micro.tokens.to(device), micro.position_ids.to(device),
-                                    micro.document_ids.to(device) if self.document_masking else None)
-            loss_sum = self.loss_fn(logits, micro.labels.to(device))
-            del logits  # free the largest activation before backward
-            (loss_sum * (self.gradient_average_scale / global_targets)).backward()
-            total += loss_sum.detach().double().cpu()
+            with gradient_sync(self.model, enabled=i == self.grad_accum - 1):
+                total += self._forward_backward(micro, global_targets)
         return total
+
+    def _forward_backward(self, micro: Batch, global_targets: int) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        with self._autocast(device):
+            logits = self.model(micro.tokens.to(device), micro.position_ids.to(device),
+                                micro.document_ids.to(device) if self.document_masking else None)
+        loss_sum = self.loss_fn(logits, micro.labels.to(device))
+        del logits  # free the largest activation before backward
+        (loss_sum * (self.gradient_average_scale / global_targets)).backward()
+        return loss_sum.detach().double().cpu()
 
     def _autocast(self, device: torch.device):
         if self.autocast_dtype is None:
