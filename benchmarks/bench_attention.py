@@ -205,8 +205,8 @@ def _measure(op, layout: str, full: dict, causal: bool, reps: int, rank: int, si
                 calls=calls, peak_mb=peak)
 
 
-def bench_task(seq_lens: list[int], heads: int, kv_heads: int, head_dim: int, causal: bool, reps: int, dtype: str) -> list[dict]:
-    """Runs on every rank: all methods at every sequence length. Returns rank-0-style rows."""
+def bench_task(seq_lens: list[int], heads: int, kv_heads_list: list[int], head_dim: int, causal: bool, reps: int, dtype: str) -> list[dict]:
+    """Runs on every rank: all methods at every (kv heads, sequence length). Returns rank-0-style rows."""
     rank, size = dist.get_rank(), dist.get_world_size()
     ranks = list(range(size))
     pgs = [dist.new_group(ranks)]
@@ -240,7 +240,7 @@ def bench_task(seq_lens: list[int], heads: int, kv_heads: int, head_dim: int, ca
         methods.append(("deepspeed ulysses", "ulysses", None, [], f"skipped: {type(err).__name__}: {err}"))
     dt = getattr(torch, dtype)
     rows = []
-    for n in seq_lens:
+    for kv_heads, n in [(kv, n) for kv in kv_heads_list for n in seq_lens]:
         gen = torch.Generator().manual_seed(n)
         full = dict(
             q=torch.randn(1, n, heads, head_dim, generator=gen).to(dt),
@@ -254,7 +254,7 @@ def bench_task(seq_lens: list[int], heads: int, kv_heads: int, head_dim: int, ca
             ref = _measure(local_attention, "local", full, causal, reps, 0, 1, [])
         dist.barrier()
         for label, layout, op, ledgers, note in methods:
-            row = dict(P=size, N=n, method=label)
+            row = dict(P=size, N=n, kv=kv_heads, method=label)
             if op is None:
                 row["note"] = note
             else:
@@ -277,7 +277,7 @@ def analytic_bytes(method: str, p: int, n: int, heads: int, kv_heads: int, d: in
     s = n // p
     if method == "deepspeed ulysses":
         h_kv = kv_heads if kv_heads % p == 0 else None
-        return None if h_kv is None else 2 * 4 * s * (heads + h_kv) * d * elem
+        return None if h_kv is None else 4 * s * (heads + h_kv) * d * elem  # 4 all-to-alls fwd, 4 bwd
     return None
 
 
@@ -287,7 +287,7 @@ def write_report(rows: list[dict], args) -> None:
     lines = [
         "# Sequence-parallel attention on CPU (gloo)",
         "",
-        f"B=1, heads={args.heads}, kv_heads={args.kv_heads}, head_dim={args.head_dim}, {args.dtype}, "
+        f"B=1, heads={args.heads}, kv_heads in {args.kv_heads}, head_dim={args.head_dim}, {args.dtype}, "
         f"{'causal' if not args.full_mask else 'full mask'}; median of {args.reps} reps, slowest rank. "
         f"Machine: {os.cpu_count()} cores shared by all P processes (efficiency bound ~{os.cpu_count()}/P). "
         f"torch {torch.__version__}.",
@@ -295,32 +295,32 @@ def write_report(rows: list[dict], args) -> None:
         "Efficiency = T_single / (P * T_P); 'vs ring' = meshweave ring time / method time (>1 is faster). "
         "Bytes = payload handed to communication calls per rank for one fwd+bwd (ledger; '~' analytic).",
         "",
-        "| P | N | method | fwd ms | fwd+bwd ms | eff fwd | eff fwd+bwd | vs ring (fwd+bwd) | MB/rank | calls | peak RSS MB | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| P | kv heads | N | method | fwd ms | fwd+bwd ms | eff fwd | eff fwd+bwd | vs ring (fwd+bwd) | MB/rank | calls | peak RSS MB | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    ring_time = {(r["P"], r["N"]): r.get("fwdbwd") for r in rows if r["method"] == "ring"}
+    ring_time = {(r["P"], r["kv"], r["N"]): r.get("fwdbwd") for r in rows if r["method"] == "ring"}
     for r in rows:
         if "fwd" not in r:
-            lines.append(f"| {r['P']} | {r['N']} | {r['method']} | | | | | | | | | {r.get('note', '')} |")
+            lines.append(f"| {r['P']} | {r['kv']} | {r['N']} | {r['method']} | | | | | | | | | {r.get('note', '')} |")
             continue
         eff_f = r["single_fwd"] / (r["P"] * r["fwd"])
         eff_b = r["single_fwdbwd"] / (r["P"] * r["fwdbwd"])
-        vs = ring_time[(r["P"], r["N"])] / r["fwdbwd"]
+        vs = ring_time[(r["P"], r["kv"], r["N"])] / r["fwdbwd"]
         mb = r["bytes"] / 2**20 if r["bytes"] else None
         note = r.get("note", "")
         if mb is None:
-            ab = analytic_bytes(r["method"], r["P"], r["N"], args.heads, args.kv_heads, args.head_dim, elem)
+            ab = analytic_bytes(r["method"], r["P"], r["N"], args.heads, r["kv"], args.head_dim, elem)
             mb_s = f"~{ab / 2**20:.2f}" if ab else "n/a"
         else:
             mb_s = f"{mb:.2f}"
         lines.append(
-            f"| {r['P']} | {r['N']} | {r['method']} | {1e3 * r['fwd']:.1f} | {1e3 * r['fwdbwd']:.1f} | {eff_f:.2f} | "
+            f"| {r['P']} | {r['kv']} | {r['N']} | {r['method']} | {1e3 * r['fwd']:.1f} | {1e3 * r['fwdbwd']:.1f} | {eff_f:.2f} | "
             f"{eff_b:.2f} | {vs:.2f} | {mb_s} | {r['calls'] or ''} | {r['peak_mb']:.0f} | {note} |"
         )
-    single = {(r["N"]): (r["single_fwd"], r["single_fwdbwd"]) for r in rows if "single_fwd" in r}
-    lines += ["", "Single process, whole sequence (same worker, same threads):", "",
-              "| N | fwd ms | fwd+bwd ms |", "|---|---|---|"]
-    lines += [f"| {n} | {1e3 * f:.1f} | {1e3 * b:.1f} |" for n, (f, b) in sorted(single.items())]
+    single = {(r["P"], r["kv"], r["N"]): (r["single_fwd"], r["single_fwdbwd"]) for r in rows if "single_fwd" in r}
+    lines += ["", "Single process, whole sequence (measured on rank 0 of each P-process pool, others idle):", "",
+              "| pool P | kv heads | N | fwd ms | fwd+bwd ms |", "|---|---|---|---|---|"]
+    lines += [f"| {p} | {kv} | {n} | {1e3 * f:.1f} | {1e3 * b:.1f} |" for (p, kv, n), (f, b) in sorted(single.items())]
     lines += ["", f"Command: `{' '.join(['python', *sys.argv])}`", ""]
     (RESULTS / "attention.md").write_text("\n".join(lines))
     (RESULTS / "attention.json").write_text(json.dumps(rows, indent=1))
@@ -337,16 +337,17 @@ def _plot(rows: list[dict]) -> None:
     except ImportError:
         print("matplotlib not installed: no PNG written (pip install matplotlib)")
         return
-    ps = sorted({r["P"] for r in rows})
-    fig, axes = plt.subplots(1, len(ps), figsize=(6 * len(ps), 4.5), squeeze=False)
-    for ax, p in zip(axes[0], ps):
-        for method in dict.fromkeys(r["method"] for r in rows):
-            pts = [(r["N"], 1e3 * r["fwdbwd"]) for r in rows if r["P"] == p and r["method"] == method and "fwdbwd" in r]
+    panels = sorted({(r["P"], r["kv"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for ax, (p, kv) in zip(axes[0], panels):
+        sel = [r for r in rows if r["P"] == p and r["kv"] == kv]
+        for method in dict.fromkeys(r["method"] for r in sel):
+            pts = [(r["N"], 1e3 * r["fwdbwd"]) for r in sel if r["method"] == method and "fwdbwd" in r]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=method)
-        single = sorted({(r["N"], 1e3 * r["single_fwdbwd"] / p) for r in rows if r["P"] == p and "single_fwdbwd" in r})
+        single = sorted({(r["N"], 1e3 * r["single_fwdbwd"] / p) for r in sel if "single_fwdbwd" in r})
         ax.plot(*zip(*single), "k--", label="single process / P (ideal)")
-        ax.set(title=f"fwd+bwd, P={p} (CPU, gloo)", xlabel="sequence length", ylabel="ms", xscale="log", yscale="log")
+        ax.set(title=f"fwd+bwd, P={p}, kv heads={kv}", xlabel="sequence length", ylabel="ms", xscale="log", yscale="log")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / "attention.png", dpi=120)
@@ -358,7 +359,7 @@ def main() -> None:
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--sps", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--kv-heads", type=int, nargs="+", default=[2, 8])
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--reps", type=int, default=3)
