@@ -211,3 +211,20 @@ def test_validate_sp_messages_name_field_and_fix():
     assert validate_sp("local", 4, 2, 2, 64)[0].startswith("parallel.sp")
     assert validate_sp("zigzag", 4, 2, 2, 64)[0].startswith("parallel.sp_method")
     assert all("\n" not in m for m in validate_sp("usp", 6, 4, 8, 30, 3))
+
+
+def test_zigzag_balances_causal_work_across_ranks():
+    """Causal ring on the zigzag layout: every rank computes the same number of score entries per step
+    (a diagonal block at step 0, exactly half a block afterwards); contiguous would be unbalanced."""
+    p, n = 4, 64
+    c = n // p
+
+    def area(method, r, owner):
+        segs = [shard_segments(method, n, p, i) for i in range(p)]
+        calls = plan_block(segs[r], segs[owner], True)
+        return sum((x.q_rows.stop - x.q_rows.start) * (x.k_rows.stop - x.k_rows.start) for x in calls)
+
+    for s in range(1, p):
+        assert {area("ring", r, (r - s) % p) for r in range(p)} == {c * c // 2}
+    assert {area("ring", r, r) for r in range(p)} == {c * c}  # one causal call on the local pair
+    assert len({sum(area("ulysses", r, o) for o in range(p)) for r in range(p)}) == p  # contiguous: unbalanced

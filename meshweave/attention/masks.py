@@ -5,7 +5,8 @@ of a token decides causality, and `document_ids` (equal ids attend to each other
 documents. `plan_block` turns one (query shard, key shard) pair into the few kernel calls that
 cover every visible pair: blocks with no visible key are skipped (never computed, never merged),
 fully visible and diagonal-causal blocks use the fast kernel paths, and only partially visible
-blocks carry an explicit boolean mask. Pure computation: no communication.
+blocks carry an explicit boolean mask. Pure computation: no communication. Hand-written because flex_attention's BlockMask (the torch
+way to describe such masks) has no backward on CPU, and the plan must also drive the flash kernels.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ Two partials (O_a, L_a), (O_b, L_b) over disjoint keys combine to
     O = O_a - sigmoid(L_b - L_a) * (O_a - O_b)
 in the accumulation dtype (fp32, or fp64 for fp64 inputs). Rows where one side saw no key
 (lse = -inf) take the other side unchanged; rows where neither did stay (0, -inf): no NaN.
-Pure computation: no communication.
+Pure computation: no communication. Hand-written: torch's equivalent (`_SDPAMerger` in the context
+parallel module) is private API and does not guard rows where both sides are empty.
 """
 
 from __future__ import annotations
