@@ -1,0 +1,126 @@
+"""Choosing the checkpoint to resume from (agreed by all ranks) and loading it.
+
+Candidates are the committed step directories of every disk level, newest first (for equal steps the
+faster level first), plus the in-memory snapshot when every rank holds the same one. Rank 0 lists the
+candidates and broadcasts them; every rank verifies a strided share of each candidate's files against
+its manifest and the problem counts are summed, so all ranks take the same decision. A candidate with
+any problem is skipped with a warning naming the bad files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+
+from meshweave.checkpoint import layout
+from meshweave.checkpoint.comms import CheckpointComms
+from meshweave.checkpoint.entries import EntryKinds, copy_into, restore
+from meshweave.checkpoint.settings import CheckpointSettings
+from meshweave.checkpoint.state import Stateful, split_tensors
+from meshweave.checkpoint.writer import SavePayload
+
+log = logging.getLogger(__name__)
+MEMORY = "memory"
+
+
+class CheckpointFallbackWarning(UserWarning):
+    """The newest checkpoint was incomplete or corrupt; an older one is used instead."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    step: int
+    level: str
+    path: str  # empty for the memory level
+
+
+def disk_candidates(cfg: CheckpointSettings) -> list[Candidate]:
+    """Committed checkpoints of every disk level, newest first; for one step, levels in flush order."""
+    found = [Candidate(step, level, str(Path(cfg.level_dir(level)) / layout.step_dirname(step)))
+             for i, level in enumerate(cfg.disk_levels()) for step in layout.committed_steps(cfg.level_dir(level))]
+    order = {lvl: i for i, lvl in enumerate(cfg.disk_levels())}
+    return sorted(found, key=lambda c: (-c.step, order[c.level]))
+
+
+def verify_share(path: str, rank: int, world_size: int) -> list[str]:
+    """Problems in this rank's share (every world_size-th file) of a checkpoint; manifest problems on every rank."""
+    try:
+        manifest = layout.read_manifest(path)
+    except layout.ManifestError as err:
+        return [str(err)]
+    names = sorted(manifest["files"])[rank::world_size]
+    problems = layout.structure_problems(path, manifest) if rank == 0 else []
+    return problems + layout.verify_files(path, manifest, names)
+
+
+def choose(comms: CheckpointComms, cfg: CheckpointSettings, memory_step: int | None) -> Candidate | None:
+    """The newest complete and verified checkpoint, the same on every rank (None if there is none)."""
+    mine = -1 if memory_step is None else memory_step
+    lo, hi = comms.all_reduce_int(mine, "min"), comms.all_reduce_int(mine, "max")
+    memory = Candidate(lo, MEMORY, "") if lo == hi and lo >= 0 else None
+    listed = comms.broadcast_json([c.__dict__ for c in disk_candidates(cfg)] if comms.rank == 0 else None)
+    for cand in (Candidate(**c) for c in listed):
+        if memory is not None and memory.step >= cand.step:
+            return memory
+        problems = verify_share(cand.path, comms.rank, comms.world_size)
+        for p in problems:
+            log.warning("checkpoint verification: %s", p)
+        total = comms.all_reduce_int(len(problems))
+        if total == 0:
+            return cand
+        _warn_fallback(comms.rank, cand, total, problems)
+    return memory
+
+
+def _warn_fallback(rank: int, cand: Candidate, total: int, problems: list[str]) -> None:
+    if rank != 0 and not problems:
+        return
+    shown = "; ".join(problems[:3]) or "see the other ranks' logs"
+    msg = (f"checkpoint step {cand.step} at {cand.path} is incomplete or corrupt ({total} problem(s): {shown}); "
+           f"falling back to an older checkpoint")
+    log.warning(msg)
+    warnings.warn(msg, CheckpointFallbackWarning, stacklevel=3)
+
+
+def load_from_dir(comms: CheckpointComms, kinds: EntryKinds, path: str, app_state: dict[str, Stateful]) -> None:
+    """Load a verified checkpoint directory into app_state in place (DCP reshards the tensors)."""
+    manifest = layout.read_manifest(path)
+    flat = kinds.dcp_flat(app_state)
+    tensors, _ = split_tensors(flat)
+    dcp.load(tensors, storage_reader=FileSystemReader(path), process_group=comms.pg, no_dist=not comms.distributed)
+    flat.update(tensors)
+    replicated = _read_json(Path(path) / layout.REPLICATED_PLAIN)
+    per_rank = _read_json(Path(path) / layout.per_rank_plain_name(_plain_rank(manifest, comms, path)))
+    restore(kinds, app_state, flat, replicated["sharded_plain"], replicated["entries"], per_rank["entries"], path)
+
+
+def _plain_rank(manifest: dict[str, Any], comms: CheckpointComms, path: str) -> int:
+    saved = manifest["world_size"]
+    if saved == comms.world_size:
+        return comms.rank
+    if comms.rank == 0:
+        log.warning("checkpoint %s was saved by %d ranks, loading on %d: per-rank state (RNG, ...) comes from "
+                    "saved rank 0 on every rank", path, saved, comms.world_size)
+    return 0
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_from_memory(kinds: EntryKinds, snapshot: SavePayload, replicated: dict[str, Any],
+                     app_state: dict[str, Stateful]) -> None:
+    """Restore from this process's host snapshot (same layout; no disk access)."""
+    flat = kinds.dcp_flat(app_state)
+    tensors, _ = split_tensors(flat)
+    copy_into(tensors, snapshot.tensors, f"in-memory checkpoint of step {snapshot.step}")
+    restore(kinds, app_state, flat, snapshot.sharded_plain, replicated.get("entries", {}),
+            snapshot.per_rank_plain["entries"], f"memory:step {snapshot.step}")

@@ -1,0 +1,99 @@
+"""`CheckpointSettings`: the YAML `checkpoint:` section, and its validation.
+
+The config layer builds a `CheckpointSettings` from the section with the same field names and calls
+`validate_checkpoint_settings` before any process starts, so a bad value is reported as one line that
+names the field and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MODES = ("lazy", "sync")
+LEVELS = ("memory", "local", "persistent")  # also the only valid flush order
+
+
+@dataclass
+class CheckpointSettings:
+    """Where, how often and how checkpoints are written.
+
+    dir: the local checkpoint directory; None turns checkpointing off.
+    every_steps: save after every N-th optimizer step; 0 saves only at the final step.
+    mode: "lazy" (copy overlaps the next forward/backward) or "sync" (baseline: save inline).
+    keep: how many committed checkpoints each disk level retains.
+    levels: the flush chain, a subset of memory -> local -> persistent in that order.
+    persistent_dir: the shared/persistent directory (needed when "persistent" is a level).
+    resume: load the newest complete checkpoint at start-up.
+    """
+
+    dir: str | None = None
+    every_steps: int = 0
+    mode: str = "lazy"
+    keep: int = 3
+    levels: list[str] = field(default_factory=lambda: ["local"])
+    persistent_dir: str | None = None
+    resume: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return self.dir is not None
+
+    def disk_levels(self) -> list[str]:
+        """The levels that live on disk, in flush order."""
+        return [lvl for lvl in self.levels if lvl != "memory"]
+
+    def level_dir(self, level: str) -> str:
+        """The directory of a disk level."""
+        if level == "local":
+            assert self.dir is not None
+            return self.dir
+        if level == "persistent":
+            assert self.persistent_dir is not None
+            return self.persistent_dir
+        raise ValueError(f"level {level!r} has no directory")
+
+
+def validate_checkpoint_settings(s: CheckpointSettings) -> list[str]:
+    """Return one message per problem (empty when valid); each names the field and the fix."""
+    problems: list[str] = []
+    if s.dir is not None and (not isinstance(s.dir, str) or not s.dir):
+        problems.append("checkpoint.dir: must be a non-empty path, or null to turn checkpointing off")
+    if not isinstance(s.every_steps, int) or isinstance(s.every_steps, bool) or s.every_steps < 0:
+        problems.append(f"checkpoint.every_steps: got {s.every_steps!r}; use an integer >= 0 (0 = only at the end)")
+    if s.mode not in MODES:
+        problems.append(f"checkpoint.mode: got {s.mode!r}; use one of {', '.join(MODES)}")
+    if not isinstance(s.keep, int) or isinstance(s.keep, bool) or s.keep < 1:
+        problems.append(f"checkpoint.keep: got {s.keep!r}; use an integer >= 1")
+    if not isinstance(s.resume, bool):
+        problems.append(f"checkpoint.resume: got {s.resume!r}; use true or false")
+    problems += _level_problems(s)
+    return problems
+
+
+def _level_problems(s: CheckpointSettings) -> list[str]:
+    levels = s.levels
+    if not isinstance(levels, (list, tuple)) or not levels:
+        return ["checkpoint.levels: use a non-empty list from memory, local, persistent"]
+    unknown = [lvl for lvl in levels if lvl not in LEVELS]
+    if unknown:
+        return [f"checkpoint.levels: unknown level(s) {unknown}; use a subset of memory, local, persistent"]
+    problems = []
+    if len(set(levels)) != len(levels):
+        problems.append(f"checkpoint.levels: {list(levels)} repeats a level; list each level once")
+    elif list(levels) != sorted(levels, key=LEVELS.index):
+        problems.append(f"checkpoint.levels: {list(levels)} is out of order; flush order is memory, local, persistent")
+    if not [lvl for lvl in levels if lvl != "memory"]:
+        problems.append("checkpoint.levels: 'memory' alone does not survive a restart; add 'local' and/or 'persistent'")
+    if "persistent" in levels and not s.persistent_dir:
+        problems.append("checkpoint.levels: 'persistent' needs checkpoint.persistent_dir")
+    if s.persistent_dir and "persistent" not in levels:
+        problems.append("checkpoint.persistent_dir: set but 'persistent' is not in checkpoint.levels; add it or drop the dir")
+    if s.persistent_dir and s.dir and _same_path(s.persistent_dir, s.dir) and "persistent" in levels and "local" in levels:
+        problems.append("checkpoint.persistent_dir: must differ from checkpoint.dir when both levels are used")
+    return problems
+
+
+def _same_path(a: str, b: str) -> bool:
+    import os
+
+    return os.path.abspath(a) == os.path.abspath(b)

@@ -1,0 +1,201 @@
+"""Writing one checkpoint to a disk level (DCP + plain JSON + manifest + commit) and promoting it.
+
+Every function here runs in the checkpointer's background thread on every rank, in the same order,
+and talks only over the dedicated checkpoint group (DCP's own collectives included).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+
+from meshweave.checkpoint import layout
+from meshweave.checkpoint.comms import CheckpointComms
+from meshweave.checkpoint.crash import maybe_crash
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written or promoted (the previous checkpoints are untouched)."""
+
+
+@dataclass
+class SavePayload:
+    """Everything one rank contributes to one checkpoint (tensors already staged on the host)."""
+
+    step: int
+    tensors: dict[str, torch.Tensor]
+    per_rank_plain: dict[str, Any]  # JSON-able (codec-encoded)
+    replicated_plain: dict[str, Any]  # JSON-able; only rank 0's is written
+    sharded_plain: dict[str, Any] = field(default_factory=dict)  # non-tensor leaves of DCP entries
+
+
+class _RecordingWriter(FileSystemWriter):
+    """FileSystemWriter that remembers which files this rank wrote (and can crash right after)."""
+
+    def __init__(self, path: Path, level: str, step: int, rank: int) -> None:
+        super().__init__(path, single_file_per_rank=True, sync_files=True)
+        self.written: set[str] = set()
+        self._level, self._step, self._rank = level, step, rank
+
+    def write_data(self, plan, planner):
+        future = super().write_data(plan, planner)
+        future.wait()
+        self.written.update(r.storage_data.relative_path for r in future.value())
+        maybe_crash(f"write:{self._level}", self._step, self._rank)
+        return future
+
+
+class LevelWriter:
+    """Writes checkpoints into disk levels for one rank; rank 0 commits."""
+
+    def __init__(self, comms: CheckpointComms, keep: int) -> None:
+        self.comms, self.keep = comms, keep
+        self.rank, self.world_size = comms.rank, comms.world_size
+
+    # --- first disk level: DCP ---------------------------------------------------------
+    def write_dcp(self, level: str, level_dir: str, payload: SavePayload) -> Path:
+        """Write `payload` as a committed checkpoint in `level_dir`; return the committed directory."""
+        tmp = self._prepare_tmp(level_dir, payload.step)
+        own = {layout.per_rank_plain_name(self.rank): _write_json(tmp, layout.per_rank_plain_name(self.rank), payload.per_rank_plain)}
+        writer = _RecordingWriter(tmp, level, payload.step, self.rank)
+        dcp.save(payload.tensors, storage_writer=writer, process_group=self.comms.pg, no_dist=not self.comms.distributed)
+        own.update({name: _describe(tmp / name, self.rank) for name in writer.written})
+        gathered = self.comms.all_gather_json({"files": own, "sharded_plain": payload.sharded_plain})
+        final = Path(level_dir) / layout.step_dirname(payload.step)
+        if self.rank == 0:
+            files = _merge_files(gathered)
+            replicated = dict(payload.replicated_plain, sharded_plain=_merge_plain(gathered))
+            files[layout.REPLICATED_PLAIN] = _write_json(tmp, layout.REPLICATED_PLAIN, replicated)
+            files.update(_describe_unclaimed(tmp, files))
+            self._commit(level, level_dir, tmp, final, payload.step, files)
+        self.comms.barrier()  # later levels and the next save may rely on the commit
+        return final
+
+    # --- further disk levels: copy a committed checkpoint ------------------------------
+    def promote(self, level: str, src_dir: Path, level_dir: str, step: int) -> Path:
+        """Copy a committed checkpoint into another level (each rank copies its own files), then commit."""
+        tmp = self._prepare_tmp(level_dir, step)
+        manifest = layout.read_manifest(src_dir)
+        mine = [n for n, meta in manifest["files"].items() if meta.get("rank", 0) == self.rank]
+        problems = _copy_verified(src_dir, tmp, {n: manifest["files"][n] for n in mine})
+        maybe_crash(f"write:{level}", step, self.rank)
+        for p in problems:
+            log.error("checkpoint promotion to %s: %s", level, p)
+        if self.comms.all_reduce_int(len(problems)) > 0:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointWriteError(f"step {step}: copy {src_dir} -> {level_dir} failed verification (see log)")
+        final = Path(level_dir) / layout.step_dirname(step)
+        if self.rank == 0:
+            self._commit(level, level_dir, tmp, final, step, manifest["files"], world_size=manifest["world_size"])
+        self.comms.barrier()
+        return final
+
+    # --- shared steps ------------------------------------------------------------------
+    def _prepare_tmp(self, level_dir: str, step: int) -> Path:
+        tmp = Path(level_dir) / layout.tmp_dirname(step)
+        if self.rank == 0:
+            os.makedirs(level_dir, exist_ok=True)
+            layout.remove_stale_tmp(level_dir)
+            (tmp / "plain").mkdir(parents=True)
+        self.comms.barrier()  # nobody writes into tmp before rank 0 has (re)created it
+        return tmp
+
+    def _commit(self, level: str, level_dir: str, tmp: Path, final: Path, step: int,
+                files: dict[str, dict], world_size: int | None = None) -> None:
+        maybe_crash(f"before_manifest:{level}", step, self.rank)
+        layout.write_manifest(tmp, step, world_size or self.world_size, level, files)
+        maybe_crash(f"after_manifest:{level}", step, self.rank)
+        layout.commit_dir(tmp, final)
+        maybe_crash(f"before_pointer:{level}", step, self.rank)
+        layout.write_pointer(level_dir, step)
+        maybe_crash(f"before_retention:{level}", step, self.rank)
+        removed = layout.apply_retention(level_dir, self.keep)
+        log.info("checkpoint step %d committed to %s (%s)%s", step, final, level,
+                 f"; removed steps {removed}" if removed else "")
+
+
+def _write_json(ckpt_dir: Path, name: str, obj: Any) -> dict:
+    import json
+
+    path = ckpt_dir / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, separators=(",", ":"))
+        f.flush()
+        os.fsync(f.fileno())
+    return _describe(path, rank=0 if name == layout.REPLICATED_PLAIN else _rank_of(name))
+
+
+def _rank_of(name: str) -> int:
+    return int(name.rsplit("_", 1)[1].split(".")[0])
+
+
+def _describe(path: Path, rank: int) -> dict:
+    size, crc = layout.file_checksum(path)
+    return {"size": size, "crc32": crc, "rank": rank}
+
+
+def _describe_unclaimed(tmp: Path, claimed: dict[str, dict]) -> dict[str, dict]:
+    """Files no rank reported (DCP's .metadata, written by the coordinator): rank 0 vouches for them."""
+    out = {}
+    for path in sorted(tmp.rglob("*")):
+        name = path.relative_to(tmp).as_posix()
+        if path.is_file() and name not in claimed:
+            out[name] = _describe(path, rank=0)
+    return out
+
+
+def _merge_files(gathered: list[dict]) -> dict[str, dict]:
+    files: dict[str, dict] = {}
+    for entry in gathered:
+        files.update(entry["files"])
+    return files
+
+
+def _merge_plain(gathered: list[dict]) -> dict[str, Any]:
+    """Union of every rank's non-tensor leaves (pipeline stages own different keys; shared keys agree)."""
+    merged: dict[str, Any] = {}
+    for entry in gathered:
+        for key, value in entry["sharded_plain"].items():
+            merged.setdefault(key, value)
+    return merged
+
+
+def _copy_verified(src_dir: Path, dst_dir: Path, files: dict[str, dict]) -> list[str]:
+    """Copy files, checking each against the manifest while copying (a corrupt source is not promoted)."""
+    problems = []
+    for name, expect in files.items():
+        src, dst = src_dir / name, dst_dir / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            size, crc = _copy_with_crc(src, dst)
+        except OSError as err:
+            problems.append(f"{src}: {err}")
+            continue
+        if size != expect["size"] or crc != expect["crc32"]:
+            problems.append(f"{src}: size/crc {size}/{crc} != manifest {expect['size']}/{expect['crc32']}")
+    return problems
+
+
+def _copy_with_crc(src: Path, dst: Path) -> tuple[int, str]:
+    crc, size = 0, 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while chunk := fin.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+            fout.write(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())
+    return size, f"{crc:08x}"
