@@ -117,3 +117,10 @@ def test_cli_exits_2_with_one_line_and_no_traceback(args, expected):
     assert proc.returncode == 2, proc.stderr
     assert expected in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_shortening_a_run_needs_no_other_change():
+    """`--set train.steps=4` alone must be a valid run: warm-up defaults to 10% of the steps."""
+    cfg = load_config(None, ["train.steps=4"])
+    assert validate(cfg, 2) == [] and cfg.train.warmup == 0
+    assert load_config(None).train.warmup == 20

@@ -18,6 +18,11 @@ import torch.distributed as dist
 from meshweave.comm.ledger import CommLedger
 
 
+# torch 2.13 deprecates the *_tensor forms in favour of *_single; older releases only have the former.
+_all_gather_flat = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
 class CommError(RuntimeError):
     """A collective or P2P call failed or timed out; the message names rank, group and op."""
 
@@ -91,7 +96,7 @@ class CommGroup:
         self.ledger.record(self.name, "all_gather", _nbytes(tensor))
         src = tensor.movedim(dim, 0).contiguous()
         out = src.new_empty((self.size * src.shape[0], *src.shape[1:]))
-        self._guard("all_gather", dist.all_gather_into_tensor, out, src, group=self.pg)
+        self._guard("all_gather", _all_gather_flat, out, src, group=self.pg)
         return out.movedim(0, dim)
 
     def reduce_scatter(self, tensor: torch.Tensor, dim: int = 0, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
@@ -101,7 +106,7 @@ class CommGroup:
         self.ledger.record(self.name, "reduce_scatter", _nbytes(tensor))
         src = tensor.movedim(dim, 0).contiguous()
         out = src.new_empty((src.shape[0] // self.size, *src.shape[1:]))
-        self._guard("reduce_scatter", dist.reduce_scatter_tensor, out, src, op=op, group=self.pg)
+        self._guard("reduce_scatter", _reduce_scatter_flat, out, src, op=op, group=self.pg)
         return out.movedim(0, dim)
 
     def all_to_all_single(

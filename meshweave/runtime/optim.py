@@ -23,10 +23,11 @@ def build_optimizer(parts: list[nn.Module], cfg: TrainConfig, device_type: str) 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up to 1 over warmup_steps, then cosine down to min_lr_ratio at the last step."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    warmup = cfg.warmup
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(1, cfg.steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 

@@ -43,7 +43,11 @@ class TrainConfig:
     seq_len: int = 256  # tokens per sequence
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 20  # linear warm-up steps
+    warmup_steps: int | None = None  # linear warm-up steps; None = 10% of steps
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else self.steps // 10
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95

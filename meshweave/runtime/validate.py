@@ -167,7 +167,7 @@ def _train(cfg: Config, world: int) -> list[str]:
         return [f"train.seq_len: {t.seq_len} must be >= 2"]
     if t.lr <= 0:
         return [f"train.lr: {t.lr} must be > 0"]
-    if not 0 <= t.warmup_steps <= t.steps:
+    if t.warmup_steps is not None and not 0 <= t.warmup_steps <= t.steps:
         return [f"train.warmup_steps: {t.warmup_steps} must be between 0 and train.steps ({t.steps})"]
     if t.dtype not in ("auto", "float32", "bfloat16"):
         return [f"train.dtype: {t.dtype!r} is not one of auto, float32, bfloat16"]
