@@ -49,7 +49,7 @@ class CheckpointComms:
         buf[:8] = torch.tensor([len(raw)], dtype=torch.int64).view(torch.uint8)
         buf[8:8 + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         rows = self.group.all_gather(buf).view(self.world_size, width + 8)
-        return [json.loads(bytes(row[8:8 + int(row[:8].view(torch.int64))].tolist())) for row in rows]
+        return [json.loads(row[8:8 + int(row[:8].clone().view(torch.int64))].numpy().tobytes()) for row in rows]
 
     def broadcast_json(self, obj: Any, src: int = 0) -> Any:
         """Rank `src`'s object on every rank."""
@@ -62,4 +62,4 @@ class CheckpointComms:
         if self.rank == src:
             buf.copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
         self.group.broadcast(buf, src=src)
-        return json.loads(bytes(buf.tolist()))
+        return json.loads(buf.numpy().tobytes())
