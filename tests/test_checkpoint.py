@@ -251,3 +251,27 @@ def test_failed_background_save_is_reported(tmp_path):
     run.step(warn)
     warn.close()  # logged, training goes on
     assert warn.stats.failed == 1 and warn.stats.committed == 0
+
+
+def test_ckpt_list_and_verify_report_state_and_exit_codes(tmp_path, capsys):
+    from meshweave.checkpoint.inspect import ckpt_main, list_checkpoints, verify_checkpoint
+
+    run = TinyRun()
+    ckpt = Checkpointer(settings(str(tmp_path), every_steps=1), None, 0, 1)
+    _train(run, 2, ckpt)
+    ckpt.close()
+    (tmp_path / layout.tmp_dirname(3)).mkdir()  # a save killed mid-way
+    infos = list_checkpoints(tmp_path)
+    assert [(i.step, i.status, i.is_latest) for i in infos] == [(3, "incomplete", False), (2, "committed", True),
+                                                               (1, "committed", False)]
+    assert infos[1].world_size == 1 and infos[1].bytes > 0
+    assert ckpt_main(["list", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "incomplete" in table and "committed" in table
+    assert ckpt_main(["verify", str(tmp_path)]) == 0
+    _truncate(tmp_path / layout.step_dirname(1) / "__0_0.distcp")
+    assert any("truncated" in p for p in verify_checkpoint(tmp_path / layout.step_dirname(1)))
+    assert ckpt_main(["verify", str(tmp_path)]) == 1
+    assert "1 intact, 1 corrupt" in capsys.readouterr().out
+    assert ckpt_main(["verify", str(tmp_path / "nope")]) == 2
+    assert ckpt_main(["bogus"]) == 2
