@@ -198,7 +198,7 @@ def _measure(op, layout: str, full: dict, causal: bool, reps: int, rank: int, si
     base = _rss_mb()
     _reset_peak_rss()
     forward_backward()
-    peak = _peak_rss_mb() - base
+    peak = max(0.0, _peak_rss_mb() - base)
     payload = sum(b for ledger in ledgers for (g, o), s in ledger.stats.items() for b in [s.bytes] if o != "recv")
     calls = sum(s.calls for ledger in ledgers for (g, o), s in ledger.stats.items() if o != "recv")
     return dict(fwd=_timed(forward, reps, size > 1), fwdbwd=_timed(forward_backward, reps, size > 1), bytes=payload,
@@ -290,7 +290,8 @@ def write_report(rows: list[dict], args) -> None:
         f"B=1, heads={args.heads}, kv_heads in {args.kv_heads}, head_dim={args.head_dim}, {args.dtype}, "
         f"{'causal' if not args.full_mask else 'full mask'}; median of {args.reps} reps, slowest rank. "
         f"Machine: {os.cpu_count()} cores shared by all P processes (efficiency bound ~{os.cpu_count()}/P). "
-        f"torch {torch.__version__}.",
+        f"torch {torch.__version__}. Load average (1/5/15 min) at the end of the run: "
+        f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} (other jobs share the machine: expect noise).",
         "",
         "Efficiency = T_single / (P * T_P); 'vs ring' = meshweave ring time / method time (>1 is faster). "
         "Bytes = payload handed to communication calls per rank for one fwd+bwd (ledger; '~' analytic).",
@@ -338,13 +339,15 @@ def _plot(rows: list[dict]) -> None:
         print("matplotlib not installed: no PNG written (pip install matplotlib)")
         return
     panels = sorted({(r["P"], r["kv"]) for r in rows})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
     for ax, (p, kv) in zip(axes[0], panels):
         sel = [r for r in rows if r["P"] == p and r["kv"] == kv]
         for method in dict.fromkeys(r["method"] for r in sel):
+            color = colors[list(dict.fromkeys(r["method"] for r in rows)).index(method) % len(colors)]
             pts = [(r["N"], 1e3 * r["fwdbwd"]) for r in sel if r["method"] == method and "fwdbwd" in r]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=method)
+                ax.plot(*zip(*pts), marker="o", label=method, color=color)
         single = sorted({(r["N"], 1e3 * r["single_fwdbwd"] / p) for r in sel if "single_fwdbwd" in r})
         ax.plot(*zip(*single), "k--", label="single process / P (ideal)")
         ax.set(title=f"fwd+bwd, P={p}, kv heads={kv}", xlabel="sequence length", ylabel="ms", xscale="log", yscale="log")
