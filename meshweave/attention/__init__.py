@@ -6,6 +6,18 @@ Public API:
     validate_sp(method, n_heads, n_kv_heads, sp, seq_len, usp_ulysses=None) -> list[str]
     usp_rank_groups(sp_ranks, ulysses_degree) -> (ulysses groups, ring groups)
     METHODS
+
+Installing a method (every rank of the SP group runs this, groups created in the same order):
+
+    op = build_attention_op("ring", sp_group)                   # or "ulysses", "tokenring"
+    # usp: uly_lists, ring_lists = usp_rank_groups(sp_global_ranks, ulysses_degree); new_group each
+    #      list in that order; op = build_attention_op("usp", ulysses_group=uly, ring_group=ring)
+    model.set_attention_op(op)
+    tokens, positions, labels, doc_ids = (op.shard(t) for t in (tokens, positions, labels, doc_ids))
+    loss = cross_entropy(model(tokens, positions, doc_ids), labels, reduction="sum")
+    # then sum gradients over the SP group (dp x sp for data parallelism) as usual.
+
+Errors for an impossible layout come from `validate_sp` (also raised as ValueError by the op).
 """
 
 from meshweave.attention.layout import METHODS, shard_indices, shard_segments, shard_sequence, unshard_sequence
