@@ -1,0 +1,93 @@
+"""`meshweave train` under a REAL single-host SLURM cluster (tests/slurm_cluster.py): srun, and sbatch + torchrun.
+
+tests/test_launch.py simulates srun's environment; these tests start munged, slurmctld and slurmd and let
+SLURM itself start the tasks. They skip, with the reason, where the cluster cannot run (no packages, no
+root, slurmd refusing to start on a cgroup2-only machine). Every srun/sbatch is wrapped in `timeout -k`.
+"""
+
+import json
+import sys
+
+from meshweave.testing import _free_port
+from tests.slurm_cluster import slurm_cluster  # noqa: F401  (module-scoped fixture)
+
+PY = sys.executable
+TRAIN = [PY, "-m", "meshweave", "train"]
+SHORT = ["--set", "train.steps=4", "--set", "logging.every_steps=2", "--set", "train.seq_len=64",
+         "--set", "data.max_bytes=200000"]
+
+
+def _task_lines(text):
+    """srun --label output as {task: [lines]} (lines of srun itself, "srun: ...", are left out)."""
+    tasks = {}
+    for line in text.splitlines():
+        head, sep, rest = line.partition(": ")
+        if sep and head.strip().isdigit():
+            tasks.setdefault(int(head), []).append(rest)
+    return tasks
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_srun_two_tasks_train(slurm_cluster, tmp_path, monkeypatch):  # noqa: F811
+    """`srun -n 2 python -m meshweave train`: ranks from SLURM_PROCID/NTASKS, progress from rank 0 only."""
+    # A launcher's variables in the test process must not reach the tasks (they would win over SLURM's).
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "5")
+    proc = slurm_cluster.run(["srun", "-n", "2", "--label", "-t", "3", *TRAIN, "--set", f"run_dir={tmp_path}",
+                              *SHORT], timeout=150)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = _task_lines(proc.stdout)
+    progress = {task: [line for line in lines if line.startswith("step ")] for task, lines in out.items()}
+    assert [line.split()[1] for line in progress.get(0, [])] == ["2/4", "4/4"], proc.stdout[-2000:]
+    assert not progress.get(1), "rank 1 printed progress lines"
+    assert "Traceback" not in proc.stderr
+    for rank in (0, 1):
+        records = _records(tmp_path / "metrics" / f"rank{rank}.jsonl")
+        assert [r["step"] for r in records] == [2, 4]
+        assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in records)  # finite, positive
+    assert not (tmp_path / "metrics" / "rank2.jsonl").exists()  # world size 2, not the test process's 5
+
+
+def test_srun_bad_layout_is_a_config_error_on_every_task(slurm_cluster, tmp_path):  # noqa: F811
+    """dp=3 on 2 tasks: every task exits 2 with the one-line config error, no traceback, nothing trained."""
+    proc = slurm_cluster.run(["srun", "-n", "2", "--label", "-t", "2", *TRAIN, "--set", f"run_dir={tmp_path}",
+                              "--set", "parallel.dp=3", *SHORT], timeout=90)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    errors = _task_lines(proc.stderr)
+    assert sorted(errors) == [0, 1], proc.stderr
+    for task, lines in errors.items():
+        assert len(lines) == 1 and lines[0].startswith("meshweave: config error:"), (task, lines)
+        assert "dp" in lines[0] and "2" in lines[0], lines[0]
+    assert not _task_lines(proc.stdout)  # no progress, no other output
+    assert not (tmp_path / "metrics").exists()
+
+
+def test_sbatch_srun_torchrun_one_node(slurm_cluster, tmp_path):  # noqa: F811
+    """sbatch of a script running `srun torchrun --nproc-per-node 2 --rdzv-backend c10d ...` completes."""
+    port = _free_port()
+    script = tmp_path / "job.sh"
+    script.write_text(f"""#!/bin/bash
+set -euo pipefail
+echo "job $SLURM_JOB_ID on $SLURM_JOB_NODELIST"
+srun --ntasks 1 timeout -k 5 150 {PY} -m torch.distributed.run --nnodes 1 --nproc-per-node 2 \\
+    --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:{port} \\
+    -m meshweave train --set run_dir={tmp_path}/run {' '.join(SHORT)}
+""")
+    log = tmp_path / "job.out"
+    proc = slurm_cluster.run(["sbatch", "--parsable", "-n", "1", "-c", "2", "-t", "4", "-o", str(log), str(script)],
+                             timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    # Poll ourselves: `sbatch --wait` sleeps 2, 8, then 32 s between checks (a 10 s job would take 42 s).
+    state = slurm_cluster.wait_job(job_id, timeout=180)
+    output = log.read_text() if log.exists() else "(no job output)"
+    assert "JobState=COMPLETED" in state and "ExitCode=0:0" in state, f"{state}\n{output[-3000:]}"
+    assert f"job {job_id} on {slurm_cluster.node}" in output
+    progress = [line for line in output.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in progress] == ["2/4", "4/4"], output[-3000:]
+    for rank in (0, 1):
+        assert [r["step"] for r in _records(tmp_path / "run" / "metrics" / f"rank{rank}.jsonl")] == [2, 4]
