@@ -17,6 +17,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
 
 from meshweave.checkpoint import loader
@@ -148,7 +149,7 @@ class Checkpointer:
             self._guarded(self._save, payload)
             return
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="meshweave-ckpt")
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="meshweave-ckpt", initializer=_one_intra_op_thread)
         self._inflight = self._executor.submit(self._save, payload)
 
     def _save(self, payload: SavePayload) -> None:
@@ -173,7 +174,7 @@ class Checkpointer:
         if future is not None:
             self._guarded(future.result)
 
-    def _guarded(self, fn, *args) -> None:
+    def _guarded(self, fn, *args) -> None:  # noqa: ANN001
         try:
             fn(*args)
         except Exception as err:  # noqa: BLE001 - a failed save must not silently vanish
@@ -184,3 +185,13 @@ class Checkpointer:
             if self.world_size > 1:
                 self._disabled = True
                 log.error("checkpointing disabled for the rest of this run (the checkpoint group may be out of step)")
+
+
+def _one_intra_op_thread() -> None:
+    """Keep the flush thread's CPU work (copies, serialisation) off the training thread's cores.
+
+    The OpenMP thread count is per calling thread, so this does not change the training thread's;
+    without it the background copy starts a second OpenMP team that competes with (and, on a busy
+    machine, stalls) the forward/backward running at the same time.
+    """
+    torch.set_num_threads(1)

@@ -1,0 +1,248 @@
+"""Checkpointing every step, side by side in one run: training-loop stall and end-to-end step time.
+
+Methods, all on the same model, optimizer and batches, each checkpointing after every optimizer step:
+- none: no checkpointing (the reference step time);
+- meshweave lazy: `Checkpointer(mode="lazy")` — copy overlaps the next forward/backward, waits only
+  before the next optimizer step; DCP files + manifest + commit + retention in the background;
+- meshweave sync: `Checkpointer(mode="sync")` — the same files written inline;
+- torch.save: one synchronous `torch.save` of model + optimizer state dicts (no fsync);
+- dcp.save: synchronous DCP save;
+- dcp.async_save: DCP's thread-based async save (stages a CPU copy inside the call, writes in a
+  thread; the previous save is awaited before the next one, as torchtitan does).
+
+Stall = time the training thread spends inside checkpoint calls per checkpoint (for lazy: the
+`after_optimizer_step` call plus any wait in `before_optimizer_step`). Step time = wall time of a
+block of steps, including draining the last in-flight save at the block's end, divided by its steps
+(so background writing, which competes for the same CPU cores, is charged to its method). Methods
+run in interleaved rounds so that machine noise hits them alike; figures are medians over rounds.
+
+    python benchmarks/bench_checkpoint.py --quick     # about a minute
+    python benchmarks/bench_checkpoint.py             # bigger model, more rounds
+
+Writes benchmarks/results/checkpoint.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from meshweave.checkpoint import Checkpointer, CheckpointSettings, ModelState, OptimizerState  # noqa: E402
+from meshweave.models.llama import ModelConfig, Transformer  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+KEEP = 2
+
+
+class Loop:
+    """One model + optimizer trained with one checkpointing method; records step times and stalls."""
+
+    def __init__(self, name: str, cfg: ModelConfig, batch: int, seq: int, root: Path) -> None:
+        torch.manual_seed(0)
+        self.name, self.cfg, self.batch, self.seq = name, cfg, batch, seq
+        self.model = Transformer(cfg)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.dir = root / name.replace(" ", "_").replace(".", "_")
+        self.step_no, self.block_step_s, self.stall_s = 0, [], []
+        self.app_state = {"model": ModelState([self.model]), "optimizer": OptimizerState([self.model], [self.opt])}
+        self.ckpt = None
+        if name.startswith("meshweave"):
+            mode = name.split()[-1]
+            settings = CheckpointSettings(dir=str(self.dir), every_steps=1, mode=mode, keep=KEEP)
+            self.ckpt = Checkpointer(settings, None, 0, 1, replicated_keys=())
+        self._pending = None  # dcp.async_save future
+
+    def run_block(self, steps: int, record: bool) -> None:
+        """`steps` steps, then the in-flight save is drained; the block's wall time per step is recorded,
+        so that background work is charged to the method that caused it."""
+        start = time.perf_counter()
+        self.run(steps, record)
+        self.drain()
+        if record:
+            self.block_step_s.append((time.perf_counter() - start) / steps)
+
+    def run(self, steps: int, record: bool) -> None:
+        for _ in range(steps):
+            tokens = torch.randint(0, self.cfg.vocab_size, (self.batch, self.seq + 1))
+            logits = self.model(tokens[:, :-1])
+            F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+            stall = self._timed(self.ckpt.before_optimizer_step) if self.ckpt else 0.0
+            self.opt.step()
+            self.opt.zero_grad()
+            self.step_no += 1
+            stall += self._checkpoint()
+            if record:
+                self.stall_s.append(stall)
+
+    def _checkpoint(self) -> float:
+        if self.name == "none":
+            return 0.0
+        if self.ckpt is not None:
+            return self._timed(self.ckpt.after_optimizer_step, self.step_no, self.app_state)
+        return self._timed(BASELINES[self.name], self)
+
+    @staticmethod
+    def _timed(fn: Callable, *args) -> float:
+        start = time.perf_counter()
+        fn(*args)
+        return time.perf_counter() - start
+
+    def target(self) -> str:
+        """A fresh per-step path; older ones beyond KEEP are removed (outside the timed region is not
+        possible for every method, so removal is part of every baseline's cost, as in ours)."""
+        path = self.dir / f"step_{self.step_no:06d}"
+        old = self.dir / f"step_{self.step_no - KEEP:06d}"
+        if old.exists():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return str(path)
+
+    def drain(self) -> None:
+        """Wait for background checkpoint work (lazy flush, async_save upload)."""
+        if self.ckpt is not None:
+            self.ckpt.wait()
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def close(self) -> None:
+        self.drain()
+        if self.ckpt is not None:
+            self.ckpt.close()
+
+
+def _torch_save(loop: Loop) -> None:
+    torch.save({"model": loop.model.state_dict(), "optim": loop.opt.state_dict()}, loop.target())
+
+
+def _dcp_save(loop: Loop) -> None:
+    dcp.save(loop.app_state, checkpoint_id=loop.target())
+
+
+def _dcp_async_save(loop: Loop) -> None:
+    if loop._pending is not None:
+        loop._pending.result()  # at most one in flight, like ours
+    loop._pending = dcp.async_save(loop.app_state, checkpoint_id=loop.target())
+
+
+BASELINES = {"torch.save": _torch_save, "dcp.save": _dcp_save, "dcp.async_save": _dcp_async_save}
+METHODS = ["none", "meshweave lazy", "meshweave sync", "torch.save", "dcp.save", "dcp.async_save"]
+
+
+def _init_single_process_group() -> None:
+    """DCP's async_save needs a process group; one gloo rank on a file store keeps all methods alike."""
+    store = tempfile.mktemp(prefix="mw_bench_store_")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+
+
+def measure(cfg: ModelConfig, batch: int, seq: int, rounds: int, steps: int, root: Path) -> list[dict]:
+    loops = [Loop(name, cfg, batch, seq, root) for name in METHODS]
+    for loop in loops:
+        loop.run_block(2, record=False)  # warm-up: allocation of host buffers, first-save costs
+    for r in range(rounds):
+        for loop in loops:
+            loop.run_block(steps, record=True)
+        print(f"round {r + 1}/{rounds} done", flush=True)
+    for loop in loops:
+        loop.close()
+    params = sum(p.numel() for p in loops[0].model.parameters())
+    state_mb = params * 4 * 3 / 2**20  # fp32 weights + two AdamW moments
+    return [{"method": loop.name, "step_ms": 1e3 * statistics.median(loop.block_step_s),
+             "stall_ms": 1e3 * statistics.median(loop.stall_s), "params": params, "state_mb": state_mb}
+            for loop in loops]
+
+
+def add_ratios(rows: list[dict]) -> None:
+    base = next(r for r in rows if r["method"] == "none")["step_ms"]
+    ref_stall = next(r for r in rows if r["method"] == "torch.save")["stall_ms"]
+    lazy_stall = next(r for r in rows if r["method"] == "meshweave lazy")["stall_ms"]
+    for r in rows:
+        r["overhead_pct"] = 100 * (r["step_ms"] / base - 1)
+        r["stall_vs_torch_save"] = r["stall_ms"] / ref_stall if r["method"] != "none" else None
+        r["stall_over_lazy"] = r["stall_ms"] / lazy_stall if lazy_stall > 0 and r["method"] != "none" else None
+
+
+def write_report(rows: list[dict], out: Path, setup: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# Checkpointing every step: training-loop stall and step time (CPU, one process)", "", setup, "",
+             "| method | step ms | overhead vs none | stall ms / checkpoint | stall / torch.save stall | stall / lazy stall |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
+        lines.append(f"| {r['method']} | {r['step_ms']:.1f} | {r['overhead_pct']:+.1f}% | {r['stall_ms']:.2f} | "
+                     f"{fmt(r['stall_vs_torch_save'], '.3f')} | {fmt(r['stall_over_lazy'], '.1f')}x |")
+    (out / "checkpoint.md").write_text("\n".join(lines) + "\n")
+    (out / "checkpoint.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
+    print("\n".join(lines))
+    plot(rows, out / "checkpoint.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot written")
+        return
+    names = [r["method"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.bar(names, [r["stall_ms"] for r in rows], color="tab:red")
+    a.set_yscale("symlog", linthresh=0.1)
+    a.set_ylabel("training-loop stall per checkpoint (ms, symlog)")
+    b.bar(names, [r["step_ms"] for r in rows], color="tab:blue")
+    b.axhline(rows[0]["step_ms"], color="gray", linestyle="--", linewidth=1)
+    b.set_ylabel("step time with a checkpoint every step (ms)")
+    for ax in (a, b):
+        plt.setp(ax.get_xticklabels(), rotation=25, ha="right")
+    fig.suptitle("Checkpoint every step: lazy vs synchronous and DCP baselines")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="small model, few rounds (about a minute)")
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--dir", default=None, help="where checkpoints are written (default: a temp dir)")
+    args = parser.parse_args()
+    if args.quick:
+        cfg, batch, seq, rounds, steps = ModelConfig(vocab_size=1024, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                                                     ffn_hidden=344), 8, 128, 3, 4
+    else:
+        cfg, batch, seq, rounds, steps = ModelConfig(vocab_size=2048, dim=256, n_layers=4, n_heads=8, n_kv_heads=4,
+                                                     ffn_hidden=688), 8, 256, 5, 6
+    torch.set_num_threads(max(1, (os.cpu_count() or 2)))
+    _init_single_process_group()
+    root = Path(tempfile.mkdtemp(prefix="mw_bench_ckpt_", dir=args.dir))
+    try:
+        rows = measure(cfg, batch, seq, rounds, steps, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        dist.destroy_process_group()
+    add_ratios(rows)
+    setup = (f"model dim={cfg.dim} layers={cfg.n_layers} vocab={cfg.vocab_size} ({rows[0]['params'] / 1e6:.2f} M params, "
+             f"{rows[0]['state_mb']:.0f} MiB model+AdamW state), batch {batch}x{seq}, torch {torch.__version__}, "
+             f"{os.cpu_count()} CPU cores; medians of {rounds} interleaved rounds x {steps} steps; keep={KEEP}")
+    write_report(rows, Path(args.out), setup)
+
+
+if __name__ == "__main__":
+    main()
