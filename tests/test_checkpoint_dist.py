@@ -129,3 +129,38 @@ def test_ranks_agree_on_fallback_when_one_rank_finds_corruption(tmp_path):
     results = run_distributed(_corrupt_on_rank1_then_load, 2, str(tmp_path), timeout=300)
     assert [r["step"] for r in results] == [1, 1]
     assert results[1]["warned"]
+
+
+def _train_until_rank1_dies(directory: str) -> None:
+    """Rank 1 SIGKILLs itself in step 2's save, after writing its data files, before the commit."""
+    import os
+
+    from meshweave.checkpoint.crash import ENV_POINT, ENV_RANK
+
+    if dist.get_rank() == 1:
+        os.environ.update({ENV_POINT: "write:local@2", ENV_RANK: "1"})
+    run, group = _setup()
+    ckpt = _checkpointer(settings(directory, every_steps=1), group)
+    for _ in range(3):
+        run.step(ckpt)
+    ckpt.close()  # rank 0 fails here or earlier: its peer is gone
+
+
+def _state_after(steps: int) -> dict:
+    run, _ = _setup()
+    for _ in range(steps):
+        run.step()
+    return full_state(run)
+
+
+def test_rank_killed_mid_save_leaves_previous_checkpoint_in_force(tmp_path):
+    from meshweave.testing import DistributedTestError
+
+    with pytest.raises(DistributedTestError):
+        run_distributed(_train_until_rank1_dies, 2, str(tmp_path), timeout=120)
+    assert layout.committed_steps(tmp_path) == [1] and layout.read_pointer(tmp_path) == 1
+    expected = run_distributed(_state_after, 2, 1)[0]
+    loaded = run_distributed(_load_sharded, 2, str(tmp_path), timeout=300)
+    for res in loaded:
+        assert res["step"] == 1
+        assert_same_state(res["state"], expected)

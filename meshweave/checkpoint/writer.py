@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ from meshweave.checkpoint.comms import CheckpointComms
 from meshweave.checkpoint.crash import maybe_crash
 
 log = logging.getLogger(__name__)
+# On one process we call DCP without a process group on purpose; its per-call warning about that is noise.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 class CheckpointWriteError(RuntimeError):
