@@ -6,7 +6,8 @@ same inputs (B=1, causal, fp32 by default):
 - peers: DeepSpeed-Ulysses `DistributedAttention` (if deepspeed imports), torch's private ring
   template `_templated_ring_attention` driven by the CPU flash op (its round-robin load balancer
   on the same zigzag layout), and a naive all-gather-K/V baseline (llama3 / LASP-2H style).
-It reports forward and forward+backward wall time (median over repetitions, slowest rank),
+It reports forward and forward+backward wall time (median over repetitions, slowest rank; the
+repetitions are interleaved across methods so that all see the same background load),
 efficiency against one process doing the whole sequence (T_1 / (P * T_P), measured on the same
 workers with the same thread count), payload bytes per rank from the CommLedger (meshweave and the
 all-gather baseline; the peers bypass it, so their bytes are given analytically or as n/a), and
@@ -161,23 +162,24 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def _timed(fn, reps: int, sync: bool) -> float:
-    """Median over reps of the slowest rank's wall time (this process's time when not `sync`)."""
-    times = []
-    for _ in range(reps):
-        if sync:
-            dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        if sync:
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        times.append(elapsed.item())
-    return statistics.median(times)
+def _time_once(fn, sync: bool) -> float:
+    """Wall time of one call; with `sync`, ranks start together and the slowest rank's time counts."""
+    if sync:
+        dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    if sync:
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return elapsed.item()
 
 
-def _measure(op, layout: str, full: dict, causal: bool, reps: int, rank: int, size: int, ledgers, u=None) -> dict:
-    """Time forward and forward+backward of `op` on this rank's shard; bytes/calls from `ledgers`."""
+def _prepare(op, layout: str, full: dict, causal: bool, rank: int, size: int, ledgers, u=None):
+    """Shard the inputs, warm up, and measure bytes/calls/peak RSS of one fwd+bwd.
+
+    Returns (forward, forward_backward, stats); timing happens later, interleaved across methods.
+    """
+
     def shard(x):
         return shard_sequence(x, layout, rank, size, 1, u) if size > 1 else x
 
@@ -199,10 +201,9 @@ def _measure(op, layout: str, full: dict, causal: bool, reps: int, rank: int, si
     _reset_peak_rss()
     forward_backward()
     peak = max(0.0, _peak_rss_mb() - base)
-    payload = sum(b for ledger in ledgers for (g, o), s in ledger.stats.items() for b in [s.bytes] if o != "recv")
+    payload = sum(s.bytes for ledger in ledgers for (g, o), s in ledger.stats.items() if o != "recv")
     calls = sum(s.calls for ledger in ledgers for (g, o), s in ledger.stats.items() if o != "recv")
-    return dict(fwd=_timed(forward, reps, size > 1), fwdbwd=_timed(forward_backward, reps, size > 1), bytes=payload,
-                calls=calls, peak_mb=peak)
+    return forward, forward_backward, dict(bytes=payload, calls=calls, peak_mb=peak)
 
 
 def bench_task(seq_lens: list[int], heads: int, kv_heads_list: list[int], head_dim: int, causal: bool, reps: int, dtype: str) -> list[dict]:
@@ -248,24 +249,39 @@ def bench_task(seq_lens: list[int], heads: int, kv_heads_list: list[int], head_d
             v=torch.randn(1, n, kv_heads, head_dim, generator=gen).to(dt),
             dout=torch.randn(1, n, heads, head_dim, generator=gen).to(dt),
         )
-        # single-process reference: the whole sequence on rank 0 (others wait at the barrier)
-        ref = None
-        if rank == 0:
-            ref = _measure(local_attention, "local", full, causal, reps, 0, 1, [])
+        # single-process reference: the whole sequence on rank 0 (the others wait at the barrier)
+        single = _prepare(local_attention, "local", full, causal, 0, 1, []) if rank == 0 else None
         dist.barrier()
+        entries, here = [], []
         for label, layout, op, ledgers, note in methods:
             row = dict(P=size, N=n, kv=kv_heads, method=label)
             if op is None:
                 row["note"] = note
             else:
                 try:
-                    row.update(_measure(op, layout, full, causal, reps, rank, size, ledgers, u if layout == "usp" else None))
+                    fwd, fwdbwd, stats = _prepare(op, layout, full, causal, rank, size, ledgers, u if layout == "usp" else None)
+                    row.update(stats)
+                    entries.append((row, fwd, fwdbwd, [], []))
                 except Exception as err:  # noqa: BLE001 - a peer failing must not stop the run
                     row["note"] = f"failed: {type(err).__name__}: {str(err)[:120]}"
                     dist.barrier()
-            if rank == 0:
-                row["single_fwd"], row["single_fwdbwd"] = ref["fwd"], ref["fwdbwd"]
-            rows.append(row)
+            here.append(row)
+        # Interleaved rounds: every method (and the single process) sees the same background load.
+        single_t: tuple[list, list] = ([], [])
+        for _ in range(reps):
+            if single is not None:
+                single_t[0].append(_time_once(single[0], False))
+                single_t[1].append(_time_once(single[1], False))
+            dist.barrier()
+            for _row, fwd, fwdbwd, t_f, t_fb in entries:
+                t_f.append(_time_once(fwd, True))
+                t_fb.append(_time_once(fwdbwd, True))
+        for row, _f, _fb, t_f, t_fb in entries:
+            row["fwd"], row["fwdbwd"] = statistics.median(t_f), statistics.median(t_fb)
+        if single is not None:
+            for row in here:
+                row["single_fwd"], row["single_fwdbwd"] = statistics.median(single_t[0]), statistics.median(single_t[1])
+        rows += here
     for pg in pgs:
         dist.destroy_process_group(pg)
     return rows
