@@ -13,6 +13,7 @@ import json
 import sys
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +23,15 @@ from meshweave.models.llama import ModelConfig, Transformer
 
 TINY = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48)
 GLOBAL_BATCH, SEQ = 4, 9
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_intra_op_thread():
+    """Tiny models run fastest on one thread; two OpenMP threads on a busy 2-core machine crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class TrainerState:

@@ -18,7 +18,9 @@ from meshweave.checkpoint import (
 from meshweave.checkpoint import layout
 from meshweave.checkpoint.codec import dumps, loads
 from meshweave.models.llama import Transformer
-from tests.checkpoint_support import TINY, TinyRun, assert_same_state, full_state, settings
+from tests.checkpoint_support import (  # noqa: F401 - one_intra_op_thread is an autouse fixture
+    TINY, TinyRun, assert_same_state, full_state, one_intra_op_thread, settings,
+)
 
 
 def _train(run: TinyRun, steps: int, ckpt: Checkpointer | None = None) -> list[float]:

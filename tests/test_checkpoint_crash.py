@@ -16,7 +16,9 @@ import pytest
 
 from meshweave.checkpoint import CheckpointFallbackWarning, Checkpointer, layout
 from meshweave.checkpoint.crash import ENV_POINT
-from tests.checkpoint_support import TinyRun, assert_same_state, full_state, settings
+from tests.checkpoint_support import (  # noqa: F401 - one_intra_op_thread is an autouse fixture
+    TinyRun, assert_same_state, full_state, one_intra_op_thread, settings,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 5
@@ -47,22 +49,41 @@ def reference():
     return _reference()
 
 
-def _run_saver(local: Path, shared: Path, crash_at: str | None) -> subprocess.CompletedProcess:
+def _saver_cmd(local: Path, shared: Path, crash_at: str | None) -> tuple[list[str], dict]:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     env.pop(ENV_POINT, None)
     if crash_at:
         env[ENV_POINT] = crash_at
     cmd = [sys.executable, "-m", "tests.checkpoint_support", str(local), str(STEPS),
            "--levels", "local,persistent", "--persistent-dir", str(shared), "--keep", "2"]
+    return cmd, env
+
+
+def _run_saver(local: Path, shared: Path, crash_at: str | None) -> subprocess.CompletedProcess:
+    cmd, env = _saver_cmd(local, shared, crash_at)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.fixture(scope="module")
+def crashed_runs(tmp_path_factory) -> dict[str, tuple[Path, Path, int, str]]:
+    """Every crash point's saver, started together (start-up dominates), killed at step 3's save."""
+    procs = {}
+    for point in CRASH_POINTS:
+        root = tmp_path_factory.mktemp(point.replace(":", "_"))
+        cmd, env = _saver_cmd(root / "local", root / "shared", f"{point}@3")
+        procs[point] = (root, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    out = {}
+    for point, (root, proc) in procs.items():
+        _, err = proc.communicate(timeout=300)
+        out[point] = (root / "local", root / "shared", proc.returncode, err)
+    return out
+
+
 @pytest.mark.parametrize("point", sorted(CRASH_POINTS))
-def test_kill_during_save_resumes_from_newest_complete(tmp_path, reference, point):
+def test_kill_during_save_resumes_from_newest_complete(crashed_runs, reference, point):
     ref_losses, ref_states = reference
-    local, shared = tmp_path / "local", tmp_path / "shared"
-    proc = _run_saver(local, shared, f"{point}@3")
-    assert proc.returncode == -9, f"saver was not killed at {point}: rc={proc.returncode}\n{proc.stderr[-3000:]}"
+    local, shared, returncode, stderr = crashed_runs[point]
+    assert returncode == -9, f"saver was not killed at {point}: rc={returncode}\n{stderr[-3000:]}"
     for level_dir in (local, shared):  # `latest` never names an uncommitted step
         pointer = layout.read_pointer(level_dir)
         assert pointer is None or pointer in layout.committed_steps(level_dir)
