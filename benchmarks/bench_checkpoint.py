@@ -222,14 +222,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small model, few rounds (about a minute)")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--dir", default=None, help="where checkpoints are written (default: a temp dir)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads of the training thread (default 1: on a shared 2-core machine two "
+                             "OpenMP threads stall each other; the flush thread always uses one)")
     args = parser.parse_args()
     if args.quick:
-        cfg, batch, seq, rounds, steps = ModelConfig(vocab_size=1024, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
-                                                     ffn_hidden=344), 8, 128, 3, 4
+        cfg, batch, seq, rounds, steps = ModelConfig(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                                                     ffn_hidden=344), 8, 512, 3, 4
     else:
         cfg, batch, seq, rounds, steps = ModelConfig(vocab_size=2048, dim=256, n_layers=4, n_heads=8, n_kv_heads=4,
                                                      ffn_hidden=688), 8, 256, 5, 6
-    torch.set_num_threads(max(1, (os.cpu_count() or 2)))
+    torch.set_num_threads(args.threads)
     _init_single_process_group()
     root = Path(tempfile.mkdtemp(prefix="mw_bench_ckpt_", dir=args.dir))
     try:
@@ -240,7 +243,7 @@ def main() -> None:
     add_ratios(rows)
     setup = (f"model dim={cfg.dim} layers={cfg.n_layers} vocab={cfg.vocab_size} ({rows[0]['params'] / 1e6:.2f} M params, "
              f"{rows[0]['state_mb']:.0f} MiB model+AdamW state), batch {batch}x{seq}, torch {torch.__version__}, "
-             f"{os.cpu_count()} CPU cores; medians of {rounds} interleaved rounds x {steps} steps; keep={KEEP}")
+             f"{os.cpu_count()} CPU cores, {args.threads} compute thread(s); medians of {rounds} interleaved rounds x {steps} steps; keep={KEEP}")
     write_report(rows, Path(args.out), setup)
 
 

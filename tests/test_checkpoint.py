@@ -277,3 +277,17 @@ def test_ckpt_list_and_verify_report_state_and_exit_codes(tmp_path, capsys):
     assert "1 intact, 1 corrupt" in capsys.readouterr().out
     assert ckpt_main(["verify", str(tmp_path / "nope")]) == 2
     assert ckpt_main(["bogus"]) == 2
+
+
+def test_loading_into_a_different_model_is_a_clear_error(tmp_path):
+    from meshweave.checkpoint import CheckpointLoadError
+    from meshweave.models.llama import ModelConfig
+
+    run = TinyRun()
+    ckpt = Checkpointer(settings(str(tmp_path), every_steps=1), None, 0, 1)
+    run.step(ckpt)
+    ckpt.close()
+    other = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=48))
+    app = {"model": ModelState([other])}
+    with pytest.raises(CheckpointLoadError, match="does not fit"):
+        Checkpointer(settings(str(tmp_path)), None, 0, 1).load_latest(app)

@@ -18,10 +18,11 @@ from typing import Any
 
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 
 from meshweave.checkpoint import layout
 from meshweave.checkpoint.comms import CheckpointComms
-from meshweave.checkpoint.entries import EntryKinds, copy_into, restore
+from meshweave.checkpoint.entries import CheckpointLoadError, EntryKinds, copy_into, restore
 from meshweave.checkpoint.settings import CheckpointSettings
 from meshweave.checkpoint.state import Stateful, split_tensors
 from meshweave.checkpoint.writer import SavePayload
@@ -94,7 +95,12 @@ def load_from_dir(comms: CheckpointComms, kinds: EntryKinds, path: str, app_stat
     manifest = layout.read_manifest(path)
     flat = kinds.dcp_flat(app_state)
     tensors, _ = split_tensors(flat)
-    dcp.load(tensors, storage_reader=FileSystemReader(path), process_group=comms.pg, no_dist=not comms.distributed)
+    try:
+        dcp.load(tensors, storage_reader=FileSystemReader(path), process_group=comms.pg, no_dist=not comms.distributed)
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - DCP raises it on every rank alike
+        cause = [line for line in str(err).splitlines() if line.strip()][-1]
+        raise CheckpointLoadError(f"checkpoint {path} is intact but does not fit the state being restored "
+                                  f"(different model or optimizer?): {cause}") from err
     flat.update(tensors)
     replicated = _read_json(Path(path) / layout.REPLICATED_PLAIN)
     per_rank = _read_json(Path(path) / layout.per_rank_plain_name(_plain_rank(manifest, comms, path)))

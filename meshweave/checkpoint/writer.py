@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
 from meshweave.checkpoint import layout
 from meshweave.checkpoint.comms import CheckpointComms
@@ -72,7 +73,10 @@ class LevelWriter:
         tmp = self._prepare_tmp(level_dir, payload.step)
         own = {layout.per_rank_plain_name(self.rank): _write_json(tmp, layout.per_rank_plain_name(self.rank), payload.per_rank_plain)}
         writer = _RecordingWriter(tmp, level, payload.step, self.rank)
-        dcp.save(payload.tensors, storage_writer=writer, process_group=self.comms.pg, no_dist=not self.comms.distributed)
+        try:
+            dcp.save(payload.tensors, storage_writer=writer, process_group=self.comms.pg, no_dist=not self.comms.distributed)
+        except CheckpointException as err:  # a BaseException in DCP; raised on every rank alike
+            raise CheckpointWriteError(f"step {payload.step}: DCP save to {tmp} failed: {err}") from err
         own.update({name: _describe(tmp / name, self.rank) for name in writer.written})
         gathered = self.comms.all_gather_json({"files": own, "sharded_plain": payload.sharded_plain})
         final = Path(level_dir) / layout.step_dirname(payload.step)
