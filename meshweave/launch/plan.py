@@ -10,17 +10,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from meshweave.models.flops import block_params, embedding_params, flops_per_token, parameter_count
-from meshweave.parallel.schedules import is_multi_stage
+from meshweave.parallel.pipeline import split_layers
+from meshweave.parallel.schedules import is_multi_stage, stage_ids_of_rank, stage_style
 from meshweave.runtime.mesh import ParallelDims
 from meshweave.runtime.schema import Config
 
 GIB = 2**30
 
 
-def stage_layers(n_layers: int, pp: int, virtual: int) -> dict[int, list[list[int]]]:
-    """Layers of each pipeline rank's chunks for an even split; chunk c of rank r is stage c*pp + r."""
-    per = n_layers // (pp * virtual)
-    return {r: [list(range((c * pp + r) * per, (c * pp + r + 1) * per)) for c in range(virtual)] for r in range(pp)}
+def stage_layers(cfg: Config, pp: int) -> dict[int, list[tuple[int, list[int]]]]:
+    """(stage index, layers) of each pipeline rank's chunks, with the split and placement the
+    pipeline uses (even or cost-weighted split; loop or V placement of virtual stages)."""
+    p = cfg.parallel
+    virtual = p.virtual_stages if pp > 1 and is_multi_stage(p.pp_schedule) else 1
+    layers = split_layers(cfg.model, cfg.train.seq_len, pp * virtual, p.pp_split if pp > 1 else "even")
+    return {r: [(s, layers[s]) for s in stage_ids_of_rank(r, pp, virtual, stage_style(p.pp_schedule))]
+            for r in range(pp)}
 
 
 def bubble_fraction(schedule: str, pp: int, microbatches: int, virtual: int) -> float:
@@ -49,13 +54,16 @@ class MemoryEstimate:
 
 
 def memory_per_rank(cfg: Config, dims: ParallelDims, stage: int) -> MemoryEstimate:
-    """Weights+grads+AdamW (16 B/param fp32, sharded by FSDP over dp*sp) + activations in flight."""
+    """Weights+grads+AdamW (16 B/param fp32, sharded by FSDP over dp*sp) + activations in flight.
+    `stage` is the pipeline rank; its chunks' layers come from `stage_layers`."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    layers = m.n_layers // dims.pp
+    chunks = stage_layers(cfg, dims.pp)[stage]
+    n_stages = dims.pp * len(chunks)
+    layers = sum(len(ls) for _, ls in chunks)
     params = layers * block_params(m)
-    if stage == 0:
+    if any(s == 0 for s, _ in chunks):
         params += embedding_params(m)
-    if stage == dims.pp - 1:
+    if any(s == n_stages - 1 for s, _ in chunks):
         params += m.dim * m.vocab_size + m.dim
     params //= dims.tp
     shard = dims.dp * dims.sp if p.dp_mode == "fsdp" else 1
@@ -67,7 +75,8 @@ def memory_per_rank(cfg: Config, dims: ParallelDims, stage: int) -> MemoryEstima
     # 34*d bytes in 16-bit), sharded over tp by sequence-parallel norms; only block inputs kept with AC.
     per_layer = (2 * m.dim if p.activation_checkpointing else 17 * m.dim) * act_bytes / dims.tp
     in_flight = min(dims.pp - stage, p.microbatches) if dims.pp > 1 else 1
-    activations = tokens * per_layer * layers * in_flight + tokens * m.vocab_size / dims.tp * 4 * (stage == dims.pp - 1)
+    holds_head = any(s == n_stages - 1 for s, _ in chunks)
+    activations = tokens * per_layer * layers * in_flight + tokens * m.vocab_size / dims.tp * 4 * holds_head
     return MemoryEstimate(params, state, activations)
 
 
@@ -80,18 +89,21 @@ def render_plan(cfg: Config, dims: ParallelDims) -> str:
     if dims.sp > 1:
         extra = f" (ulysses {p.usp.ulysses} x ring {p.usp.ring})" if p.sp_method == "usp" else ""
         lines.append(f"sequence parallel: {p.sp_method}{extra}, {t.seq_len // dims.sp} tokens per rank")
-    layers = stage_layers(m.n_layers, dims.pp, p.virtual_stages if is_multi_stage(p.pp_schedule) else 1)
+    layers = stage_layers(cfg, dims.pp)
     if dims.pp > 1:
         v = p.virtual_stages
-        lines.append(f"pipeline: {p.pp_schedule}, {p.microbatches} microbatches, {v} chunk(s) per rank; "
-                     f"ideal bubble fraction {bubble_fraction(p.pp_schedule, dims.pp, p.microbatches, v):.3f}")
+        lines.append(f"pipeline: {p.pp_schedule}, {p.microbatches} microbatches, {v} chunk(s) per rank, "
+                     f"{p.pp_split} layer split; ideal bubble fraction "
+                     f"{bubble_fraction(p.pp_schedule, dims.pp, p.microbatches, v):.3f}")
+        for r, chunks in layers.items():
+            lines.append(f"  pp rank {r}: " + ", ".join(f"stage {st} = layers {ls[0]}-{ls[-1]}" for st, ls in chunks))
     lines.append("")
     lines.append(f"{'rank':>5} {'pp':>3} {'dp':>3} {'sp':>3} {'tp':>3}  {'layers':<14} {'dp peers':<16} "
                  f"{'sp peers':<16} {'tp peers':<16} {'mem GiB':>8}")
     for rank in range(dims.world_size):
         c = dims.coordinate(rank)
         peers = {a: _peers(dims, rank, a) for a in ("dp", "sp", "tp")}
-        chunks = "+".join(f"{ls[0]}-{ls[-1]}" if ls else "-" for ls in layers[c["pp"]])
+        chunks = "+".join(f"{ls[0]}-{ls[-1]}" if ls else "-" for _, ls in layers[c["pp"]])
         mem = memory_per_rank(cfg, dims, c["pp"])
         lines.append(f"{rank:>5} {c['pp']:>3} {c['dp']:>3} {c['sp']:>3} {c['tp']:>3}  {chunks:<14} "
                      f"{peers['dp']:<16} {peers['sp']:<16} {peers['tp']:<16} {mem.total / GIB:>8.3f}")

@@ -15,8 +15,13 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from meshweave.parallel.data_parallel import apply_ddp, apply_fsdp
+from meshweave.parallel.loss_parallel import LossParallelRunner, vocab_parallel_cross_entropy_sum
+from meshweave.parallel.pipeline import apply_pipeline_replicate, build_schedule, split_layers, split_model
+from meshweave.parallel.pipeline_runner import PipelineRunner, TokenWeightedLoss
 from meshweave.parallel.runner import LocalRunner, StepRunner
+from meshweave.parallel.schedules import is_multi_stage
 from meshweave.parallel.sequence import apply_sequence_parallel
+from meshweave.parallel.tensor_parallel import apply_tensor_parallel
 from meshweave.runtime.mesh import Mesh
 from meshweave.runtime.schema import Config
 
@@ -29,22 +34,54 @@ class ParallelModel:
 
 def parallelize(model: nn.Module, mesh: Mesh, cfg: Config, compute_dtype: torch.dtype) -> ParallelModel:
     p = cfg.parallel
-    if p.pp > 1:
-        raise NotImplementedError("parallel.pp > 1 is not available yet")
-    if p.tp > 1:
-        raise NotImplementedError("parallel.tp > 1 is not available yet")
+    stage_ids, parts = split_pipeline(model, mesh, cfg) if p.pp > 1 else ([0], [model])
+    for part in parts:
+        apply_tensor_parallel_step(part, mesh)
     shard = None
     if p.sp > 1:
-        shard = apply_sequence_parallel(model, mesh, p)
+        for part in parts:
+            shard = apply_sequence_parallel(part, mesh, p)
     if p.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    wrapped = apply_data_parallel(model, mesh, cfg, compute_dtype)
+        for part in parts:
+            apply_activation_checkpointing(part)
+    wrapped = [apply_data_parallel(part, mesh, cfg, compute_dtype) if p.pp == 1 or p.dp_mode == "fsdp"
+               else apply_pipeline_replicate(part, mesh) for part in parts]
     autocast = compute_dtype if compute_dtype != torch.float32 and p.dp_mode == "ddp" else None
-    runner = LocalRunner(wrapped, cfg.train.grad_accum, shard=shard, autocast_dtype=autocast,
-                         document_masking=cfg.data.document_masking,
-                         gradient_average_scale=mesh.dims.dp * mesh.dims.sp)
+    scale = mesh.dims.dp * mesh.dims.sp
+    if p.pp > 1:
+        return ParallelModel(pipeline_runner(wrapped, parts, stage_ids, mesh, cfg, shard, autocast, scale), parts)
+    runner = LocalRunner(wrapped[0], cfg.train.grad_accum, loss_fn=vocab_parallel_cross_entropy_sum, shard=shard,
+                         autocast_dtype=autocast, document_masking=cfg.data.document_masking,
+                         gradient_average_scale=scale)
     runner.model_parts = [model]
-    return ParallelModel(runner, [model])
+    return ParallelModel(LossParallelRunner(runner) if p.tp > 1 else runner, [model])
+
+
+def split_pipeline(model: nn.Module, mesh: Mesh, cfg: Config) -> tuple[list[int], list[nn.Module]]:
+    """This rank's pipeline stage indices and stage modules (layers split evenly or by cost)."""
+    p = cfg.parallel
+    virtual = p.virtual_stages if is_multi_stage(p.pp_schedule) else 1
+    layers = split_layers(cfg.model, cfg.train.seq_len, mesh.dims.pp * virtual, p.pp_split)
+    return split_model(model, mesh.coordinate["pp"], mesh.dims.pp, virtual, p.pp_schedule, layers)
+
+
+def apply_tensor_parallel_step(model: nn.Module, mesh: Mesh) -> None:
+    """Shard the model (or one pipeline stage) over the tp axis; nothing when tp == 1."""
+    if mesh.dims.tp > 1:
+        apply_tensor_parallel(model, mesh.submesh("tp"))
+
+
+def pipeline_runner(wrapped: list[nn.Module], parts: list[nn.Module], stage_ids: list[int], mesh: Mesh, cfg: Config,
+                    shard, autocast: torch.dtype | None, scale: int) -> PipelineRunner:
+    """Build the stages and the schedule over the (parallelised) stage modules and return their runner."""
+    p = cfg.parallel
+    loss = TokenWeightedLoss(scale)
+    n_stages = mesh.dims.pp * len(stage_ids)
+    device = next(parts[0].parameters()).device
+    stages, schedule = build_schedule(wrapped, stage_ids, n_stages, p.pp_schedule, p.microbatches, loss,
+                                      mesh.group("pp").pg, device, mesh.ledger)
+    return PipelineRunner(schedule, stages, parts, loss, p.microbatches, shard=shard,
+                          document_masking=cfg.data.document_masking, loss_parallel=p.tp > 1, autocast_dtype=autocast)
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:

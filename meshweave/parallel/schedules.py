@@ -32,3 +32,22 @@ def schedule_class(name: str) -> type:
 def is_multi_stage(name: str) -> bool:
     """True for schedules that run several model chunks (virtual stages) per pipeline rank."""
     return SCHEDULE_CLASSES[name][1]
+
+
+# Schedules whose two chunks per rank are placed in a "V": rank r holds stages r and 2*pp-1-r, so
+# the first and the last stage share rank 0 (the others place chunk c of rank r at stage c*pp + r).
+V_SCHEDULES = ("zbvzerobubble", "dualpipev")
+
+
+def stage_style(name: str) -> str:
+    """"v" for V-shaped stage placement, else "loop"."""
+    return "v" if name in V_SCHEDULES else "loop"
+
+
+def stage_ids_of_rank(rank: int, pp: int, virtual: int, style: str) -> list[int]:
+    """Global stage indices run by pipeline rank `rank`, in chunk order."""
+    if style == "v":
+        if virtual != 2:
+            raise ValueError(f"V-shaped schedules need exactly 2 stages per rank, got {virtual}")
+        return [rank, 2 * pp - 1 - rank]
+    return [c * pp + rank for c in range(virtual)]

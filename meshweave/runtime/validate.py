@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from meshweave.parallel.schedules import available_schedules, is_multi_stage
+from meshweave.parallel.schedules import available_schedules, is_multi_stage, stage_style
 from meshweave.runtime.config import ConfigError
 from meshweave.runtime.schema import Config
 from meshweave.runtime.tokenizer import ByteTokenizer
@@ -92,8 +92,11 @@ def _tensor_parallel(cfg: Config, world: int) -> list[str]:
     if m.vocab_size % tp:
         return [f"parallel.tp: model.vocab_size {m.vocab_size} is not divisible by tp {tp} (vocab-parallel "
                 f"embedding and loss); pad vocab_size to a multiple of {tp}"]
-    if cfg.train.seq_len % tp:
-        return [f"train.seq_len: {cfg.train.seq_len} is not divisible by parallel.tp {tp} (sequence-parallel norms)"]
+    if cfg.train.seq_len % (tp * cfg.parallel.sp):
+        return [f"train.seq_len: {cfg.train.seq_len} is not divisible by parallel.tp*sp = {tp * cfg.parallel.sp} "
+                f"(sequence-parallel norms shard each rank's tokens over tp)"]
+    if cfg.parallel.dp_mode == "ddp" and resolved_dp(cfg, world) * cfg.parallel.sp > 1:
+        return ["parallel.dp_mode: ddp cannot wrap tensor-parallel (DTensor) parameters; use dp_mode: fsdp with tp > 1"]
     return []
 
 
@@ -109,11 +112,17 @@ def _pipeline(cfg: Config, world: int) -> list[str]:
     if is_multi_stage(p.pp_schedule) != (p.virtual_stages > 1):
         need = "> 1" if is_multi_stage(p.pp_schedule) else "== 1"
         return [f"parallel.virtual_stages: schedule {p.pp_schedule} needs virtual_stages {need}, got {p.virtual_stages}"]
+    if stage_style(p.pp_schedule) == "v" and p.virtual_stages != 2:
+        return [f"parallel.virtual_stages: schedule {p.pp_schedule} places exactly 2 stages per rank (V shape); "
+                f"set virtual_stages: 2"]
     stages = p.pp * p.virtual_stages
-    if layers % stages:
-        return [f"model.n_layers: {layers} layers do not split evenly into pp*virtual_stages = {stages} stages"]
     if p.pp_split not in ("even", "cost"):
         return [f"parallel.pp_split: {p.pp_split!r} is not one of even, cost"]
+    if p.pp_split == "even" and layers % stages:
+        return [f"model.n_layers: {layers} layers do not split evenly into pp*virtual_stages = {stages} stages; "
+                f"change n_layers, pp or virtual_stages, or set parallel.pp_split: cost"]
+    if layers < stages:
+        return [f"model.n_layers: {layers} layers cannot fill pp*virtual_stages = {stages} stages (one layer each at least)"]
     if p.microbatches < p.pp and p.pp_schedule != "gpipe":
         return [f"parallel.microbatches: {p.pp_schedule} needs microbatches >= pp ({p.microbatches} < {p.pp}); "
                 f"raise microbatches to at least {p.pp}"]
