@@ -14,7 +14,8 @@ Stall = time the training thread spends inside checkpoint calls per checkpoint (
 `after_optimizer_step` call plus any wait in `before_optimizer_step`). Step time = wall time of a
 block of steps, including draining the last in-flight save at the block's end, divided by its steps
 (so background writing, which competes for the same CPU cores, is charged to its method). Methods
-run in interleaved rounds so that machine noise hits them alike; figures are medians over rounds.
+run in interleaved rounds so that machine noise hits them alike; step time is the best round (noise
+from other processes only adds time), stall the median over all checkpoints.
 
     python benchmarks/bench_checkpoint.py --quick     # about a minute
     python benchmarks/bench_checkpoint.py             # bigger model, more rounds
@@ -164,7 +165,7 @@ def measure(cfg: ModelConfig, batch: int, seq: int, rounds: int, steps: int, roo
         loop.close()
     params = sum(p.numel() for p in loops[0].model.parameters())
     state_mb = params * 4 * 3 / 2**20  # fp32 weights + two AdamW moments
-    return [{"method": loop.name, "step_ms": 1e3 * statistics.median(loop.block_step_s),
+    return [{"method": loop.name, "step_ms": 1e3 * min(loop.block_step_s),
              "stall_ms": 1e3 * statistics.median(loop.stall_s), "params": params, "state_mb": state_mb}
             for loop in loops]
 
@@ -235,6 +236,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     _init_single_process_group()
     root = Path(tempfile.mkdtemp(prefix="mw_bench_ckpt_", dir=args.dir))
+    load_before = os.getloadavg()[0]
     try:
         rows = measure(cfg, batch, seq, rounds, steps, root)
     finally:
@@ -243,7 +245,9 @@ def main() -> None:
     add_ratios(rows)
     setup = (f"model dim={cfg.dim} layers={cfg.n_layers} vocab={cfg.vocab_size} ({rows[0]['params'] / 1e6:.2f} M params, "
              f"{rows[0]['state_mb']:.0f} MiB model+AdamW state), batch {batch}x{seq}, torch {torch.__version__}, "
-             f"{os.cpu_count()} CPU cores, {args.threads} compute thread(s); medians of {rounds} interleaved rounds x {steps} steps; keep={KEEP}")
+             f"{os.cpu_count()} CPU cores, {args.threads} compute thread(s); {rounds} interleaved rounds x {steps} steps "
+             f"(step time: best round; stall: median); keep={KEEP}; machine load average {load_before:.1f} at start, "
+             f"{os.getloadavg()[0]:.1f} at end")
     write_report(rows, Path(args.out), setup)
 
 

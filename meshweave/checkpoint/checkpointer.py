@@ -65,7 +65,8 @@ class Checkpointer:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.final_step, self.copy_hook, self.on_error = final_step, copy_hook, on_error
         self.kinds = EntryKinds(tuple(dcp_keys), tuple(replicated_keys))
-        self.comms = CheckpointComms(group, rank, world_size)
+        # A disabled checkpointer never communicates, so it needs no group.
+        self.comms = CheckpointComms(group, rank, world_size) if cfg.enabled else CheckpointComms(None, 0, 1)
         self.writer = LevelWriter(self.comms, cfg.keep)
         self.snapshot = HostSnapshot()
         self.stats = CheckpointStats()

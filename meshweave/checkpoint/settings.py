@@ -17,7 +17,9 @@ LEVELS = ("memory", "local", "persistent")  # also the only valid flush order
 class CheckpointSettings:
     """Where, how often and how checkpoints are written.
 
-    dir: the local checkpoint directory; None turns checkpointing off.
+    dir: the local checkpoint directory; None turns checkpointing off. Every rank that loads must
+        see the same files (one node, or a path on shared storage): DCP reads other ranks' shards
+        when it reshards (node-local disks across several nodes are not supported yet).
     every_steps: save after every N-th optimizer step; 0 saves only at the final step.
     mode: "lazy" (copy overlaps the next forward/backward) or "sync" (baseline: save inline).
     keep: how many committed checkpoints each disk level retains.

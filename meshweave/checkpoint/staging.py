@@ -29,7 +29,7 @@ class _Source:
     """What a copy reads: the local tensor, plus what is needed to rebuild a DTensor around the copy."""
 
     local: torch.Tensor
-    layout: tuple | None  # (mesh, placements, global shape, global stride) of a DTensor source
+    layout: tuple | None  # (mesh, placements, global shape, global stride, spec) of a DTensor source
 
 
 class HostSnapshot:
@@ -42,6 +42,7 @@ class HostSnapshot:
         self._ready.set()
         self._start_event = None  # CUDA event recorded after the optimizer step
         self._stream = None
+        self._device: torch.device | None = None
         self.allocated_bytes = 0
 
     # --- training thread -------------------------------------------------------------
@@ -56,9 +57,11 @@ class HostSnapshot:
             self._ensure_buffer(key, src.local)
         for stale in set(self.buffers) - set(self._sources):
             self.allocated_bytes -= _nbytes(self.buffers.pop(stale))
-        if any(s.local.is_cuda for s in self._sources.values()):
+        cuda = [s.local.device for s in self._sources.values() if s.local.is_cuda]
+        if cuda:
+            self._device = cuda[0]  # one accelerator per rank
             self._start_event = torch.cuda.Event()
-            self._start_event.record(torch.cuda.current_stream())
+            self._start_event.record(torch.cuda.current_stream(self._device))
 
     def _ensure_buffer(self, key: str, local: torch.Tensor) -> None:
         buf = self.buffers.get(key)
@@ -104,8 +107,9 @@ class HostSnapshot:
 
     def _copy_cuda(self, keys: list[str], hook: CopyHook | None, halfway: Callable[[], None] | None) -> None:
         if self._stream is None:
-            self._stream = torch.cuda.Stream()
-        with torch.cuda.stream(self._stream):
+            self._stream = torch.cuda.Stream(device=self._device)
+        # The background thread's current device is 0 by default: name this rank's device explicitly.
+        with torch.cuda.device(self._device), torch.cuda.stream(self._stream):
             self._stream.wait_event(self._start_event)
             for i, key in enumerate(keys):
                 if halfway is not None and i == len(keys) // 2:
@@ -125,8 +129,7 @@ class HostSnapshot:
             if src.layout is None:
                 out[key] = buf
             else:
-                mesh, placements, shape, stride = src.layout
-                out[key] = DTensor.from_local(buf, mesh, placements, run_check=False, shape=shape, stride=stride)
+                out[key] = _host_dtensor(buf, src.layout)
         return out
 
     def release_sources(self) -> None:
@@ -136,8 +139,20 @@ class HostSnapshot:
 
 def _source(t: torch.Tensor) -> _Source:
     if isinstance(t, DTensor):
-        return _Source(t.to_local().detach(), (t.device_mesh, t.placements, t.shape, t.stride()))
+        return _Source(t.to_local().detach(), (t.device_mesh, t.placements, t.shape, t.stride(), t._spec))
     return _Source(t.detach(), None)
+
+
+def _host_dtensor(buf: torch.Tensor, layout: tuple) -> DTensor:
+    """A DTensor with the source's sharding whose local shard is the host buffer.
+
+    `DTensor.from_local` would move a CPU shard onto a CUDA mesh's device (undoing the staging), so
+    for a non-CPU mesh the DTensor is built from the source's spec directly, as DCP's stager does.
+    """
+    mesh, placements, shape, stride, spec = layout
+    if mesh.device_type == buf.device.type:
+        return DTensor.from_local(buf, mesh, placements, run_check=False, shape=shape, stride=stride)
+    return DTensor(buf, spec, requires_grad=False)
 
 
 def _nbytes(t: torch.Tensor) -> int:
