@@ -8,6 +8,7 @@ and return the step runner that executes the result.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from meshweave.parallel.runner import LocalRunner, StepRunner
 from meshweave.parallel.schedules import is_multi_stage
 from meshweave.parallel.sequence import apply_sequence_parallel
 from meshweave.parallel.tensor_parallel import apply_tensor_parallel
+from meshweave.parallel.tensor_parallel_comm import CountedTensorParallel
 from meshweave.runtime.mesh import Mesh
 from meshweave.runtime.schema import Config
 
@@ -54,7 +56,7 @@ def parallelize(model: nn.Module, mesh: Mesh, cfg: Config, compute_dtype: torch.
                          autocast_dtype=autocast, document_masking=cfg.data.document_masking,
                          gradient_average_scale=scale)
     runner.model_parts = [model]
-    return ParallelModel(LossParallelRunner(runner) if p.tp > 1 else runner, [model])
+    return ParallelModel(LossParallelRunner(runner, tensor_parallel_traffic(mesh)) if p.tp > 1 else runner, [model])
 
 
 def split_pipeline(model: nn.Module, mesh: Mesh, cfg: Config) -> tuple[list[int], list[nn.Module]]:
@@ -71,6 +73,14 @@ def apply_tensor_parallel_step(model: nn.Module, mesh: Mesh) -> None:
         apply_tensor_parallel(model, mesh.submesh("tp"))
 
 
+def tensor_parallel_traffic(mesh: Mesh) -> Callable[[], CountedTensorParallel] | None:
+    """Factory of the context that records DTensor's tensor-parallel collectives in the ledger (None if tp == 1)."""
+    if mesh.dims.tp == 1 or not mesh.ledger.enabled:
+        return None
+    group_name = mesh.submesh("tp").get_group().group_name
+    return lambda: CountedTensorParallel(mesh.ledger, group_name)
+
+
 def pipeline_runner(wrapped: list[nn.Module], parts: list[nn.Module], stage_ids: list[int], mesh: Mesh, cfg: Config,
                     shard, autocast: torch.dtype | None, scale: int) -> PipelineRunner:
     """Build the stages and the schedule over the (parallelised) stage modules and return their runner."""
@@ -81,7 +91,8 @@ def pipeline_runner(wrapped: list[nn.Module], parts: list[nn.Module], stage_ids:
     stages, schedule = build_schedule(wrapped, stage_ids, n_stages, p.pp_schedule, p.microbatches, loss,
                                       mesh.group("pp").pg, device, mesh.ledger)
     return PipelineRunner(schedule, stages, parts, loss, p.microbatches, shard=shard,
-                          document_masking=cfg.data.document_masking, loss_parallel=p.tp > 1, autocast_dtype=autocast)
+                          document_masking=cfg.data.document_masking, loss_parallel=p.tp > 1, autocast_dtype=autocast,
+                          traffic=tensor_parallel_traffic(mesh))
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:

@@ -9,6 +9,7 @@ context, so the runners enter `loss_parallel_context()` around forward *and* bac
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -32,13 +33,14 @@ def vocab_parallel_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor)
 
 
 class LossParallelRunner:
-    """Wraps a step runner so that its forward and backward run inside `loss_parallel()`."""
+    """Wraps a step runner so that its forward and backward run inside `loss_parallel()` (and inside
+    `traffic()`, e.g. the tensor-parallel traffic counter, when given)."""
 
-    def __init__(self, inner) -> None:
-        self.inner = inner
+    def __init__(self, inner, traffic: Callable[[], AbstractContextManager] | None = None) -> None:
+        self.inner, self.traffic = inner, traffic
         self.model_parts = inner.model_parts
 
     def forward_backward(self, batch, global_targets: int) -> torch.Tensor:
         """The inner runner's step, with vocab-parallel cross-entropy enabled (tp all-reduces per microbatch)."""
-        with loss_parallel():
+        with loss_parallel(), (self.traffic() if self.traffic is not None else nullcontext()):
             return self.inner.forward_backward(batch, global_targets)

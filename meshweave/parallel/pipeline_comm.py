@@ -39,3 +39,22 @@ class CountedPipelineStage(PipelineStage):
 
     def get_bwd_recv_ops(self, bwd_chunk_id: int) -> list[dist.P2POp]:
         return self._record(super().get_bwd_recv_ops(bwd_chunk_id), "recv_gradient")
+
+
+def pipeline_p2p_bytes(stage_ids: list[int], n_stages: int, tokens: int, dim: int, tp: int,
+                       element_size: int = 4) -> dict[str, int]:
+    """Analytic per-rank pipeline payload of one step over `tokens` tokens (all microbatches): each
+    stage boundary crossing ranks carries every microbatch's (tokens/tp, dim) activation shard
+    forward and its gradient backward. Boundaries between two stages on the same rank (the bend of
+    a V schedule) carry nothing."""
+    shard = tokens * dim // tp * element_size
+    out = {"send_activation": 0, "recv_activation": 0, "send_gradient": 0, "recv_gradient": 0}
+    mine = set(stage_ids)
+    for s in stage_ids:
+        if s + 1 < n_stages and (s + 1) not in mine:
+            out["send_activation"] += shard
+            out["recv_gradient"] += shard
+        if s > 0 and (s - 1) not in mine:
+            out["recv_activation"] += shard
+            out["send_gradient"] += shard
+    return {k: v for k, v in out.items() if v}

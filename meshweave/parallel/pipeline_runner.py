@@ -8,7 +8,8 @@ per-microbatch mean would weight microbatches with few targets too heavily.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn as nn
@@ -45,8 +46,9 @@ class PipelineRunner:
 
     def __init__(self, schedule, stages: list, model_parts: list[nn.Module], loss: TokenWeightedLoss, microbatches: int,
                  shard: BatchSharder | None = None, document_masking: bool = True, loss_parallel: bool = False,
-                 autocast_dtype: torch.dtype | None = None) -> None:
-        self.autocast_dtype, self.microbatches = autocast_dtype, microbatches
+                 autocast_dtype: torch.dtype | None = None,
+                 traffic: Callable[[], AbstractContextManager] | None = None) -> None:
+        self.autocast_dtype, self.microbatches, self.traffic = autocast_dtype, microbatches, traffic
         self.schedule, self.stages, self.model_parts, self.loss = schedule, stages, model_parts, loss
         self.shard, self.document_masking, self.loss_parallel = shard, document_masking, loss_parallel
         self.device = next(model_parts[0].parameters()).device
@@ -59,7 +61,8 @@ class PipelineRunner:
             kwargs["document_ids"] = batch.document_ids.to(self.device)
         self.loss.start_step(global_targets)
         autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
-        with loss_parallel_context(self.loss_parallel), autocast:
+        traffic = self.traffic() if self.traffic is not None else nullcontext()
+        with loss_parallel_context(self.loss_parallel), autocast, traffic:
             self.schedule.step(batch.tokens.to(self.device), target=batch.labels.to(self.device),
                                return_outputs=False, **kwargs)
         # On the first step torch's shape inference calls the loss once more on a dummy batch: keep
