@@ -9,6 +9,7 @@ from meshweave.attention import (
     METHODS, block_backward, block_forward, merge_partials, shard_segments, shard_sequence, unshard_sequence,
     usp_rank_groups, validate_sp,
 )
+from meshweave.attention import masks
 from meshweave.attention.masks import CAUSAL, FULL, Segment, plan_block, positions
 from tests.attention_helpers import make_documents
 
@@ -122,6 +123,7 @@ def _covered(calls, sq, sk, batch):
     for c in calls:
         rows, cols = c.q_rows, c.k_rows
         nq, nk = rows.stop - rows.start, cols.stop - cols.start
+        rows_b = range(batch)[c.batch]
         if isinstance(c.mask, torch.Tensor):
             m = c.mask[:, 0]
             assert m.any(), "a planned call must see at least one key"
@@ -129,13 +131,15 @@ def _covered(calls, sq, sk, batch):
             m = torch.ones(nq, nk, dtype=torch.bool).tril()[None]
         else:
             m = torch.ones(nq, nk, dtype=torch.bool)[None]
-        cover[:, rows, cols] += m.expand(batch, -1, -1).long()
+        cover[c.batch, rows, cols] += m.expand(len(rows_b), -1, -1).long()
     return cover
 
 
+@pytest.mark.parametrize("max_doc_calls", [32, 2])  # 2 forces the dense-mask fallback for documents
 @pytest.mark.parametrize("p", [2, 4])
-def test_block_plans_cover_exactly_the_visible_pairs(p):
+def test_block_plans_cover_exactly_the_visible_pairs(p, max_doc_calls, monkeypatch):
     """For every (q shard, kv shard) pair of every layout: each visible pair once, nothing else."""
+    monkeypatch.setattr(masks, "MAX_DOCUMENT_CALLS", max_doc_calls)
     n = 16 * p
     docs = make_documents(2, n, seed=3)
     for method, u in (("ring", None), ("ulysses", None), ("usp", 2)):
@@ -151,6 +155,24 @@ def test_block_plans_cover_exactly_the_visible_pairs(p):
                         want = _dense_visibility(segs[i], segs[j], causal, qd, kd)
                         got = _covered(calls, len(idx[i]), len(idx[j]), want.shape[0])
                         assert torch.equal(got, want.long().expand_as(got)), (method, causal, with_docs, i, j)
+
+
+def test_document_plans_use_flash_paths_without_dense_masks():
+    """A few packed documents give FULL/CAUSAL calls per document run (varlen-style, no dense mask);
+    rows with identical documents share one batched call; very many documents fall back to one mask."""
+    p, n = 2, 32
+    segs = [shard_segments("ring", n, p, r) for r in range(p)]
+    idx = [positions(s) for s in segs]
+    docs = torch.tensor([[0] * 5 + [1] * 14 + [2] * 13] * 2)
+    for i in range(p):
+        for j in range(p):
+            calls = plan_block(segs[i], segs[j], True, docs[:, idx[i]], docs[:, idx[j]])
+            assert all(isinstance(c.mask, str) and c.batch == slice(0, 2) for c in calls), calls
+    long_segs = shard_segments("ring", 160, p, 0)  # 40-token chunks
+    many = torch.arange(160).repeat(2, 1)  # 1-token documents: 40 runs per chunk > MAX_DOCUMENT_CALLS
+    local = many[:, positions(long_segs)]
+    calls = plan_block(long_segs, long_segs, True, local, local)
+    assert any(isinstance(c.mask, torch.Tensor) for c in calls)
 
 
 def test_zigzag_plan_matches_the_balanced_schedule():

@@ -12,7 +12,7 @@ way to describe such masks) has no backward on CPU, and the plan must also drive
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,11 +35,18 @@ class Segment:
 
 @dataclass(frozen=True)
 class BlockCall:
-    """One kernel call: local query rows x local key rows under `mask`."""
+    """One kernel call: local query rows x local key rows of batch rows `batch` under `mask`."""
 
     q_rows: slice
     k_rows: slice
     mask: BlockMask
+    batch: slice = field(default_factory=lambda: slice(None))
+
+
+# Packed documents are planned like varlen attention: one FULL or CAUSAL call per pair of same-document
+# runs, so no dense mask is built and the flash kernels apply. Past this many calls per (query segment)
+# one call with a dense mask is cheaper than many tiny ones.
+MAX_DOCUMENT_CALLS = 32
 
 
 def positions(segments: Sequence[Segment], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -101,7 +108,13 @@ def plan_block(
         k_rows = slice(k_off[j0], k_off[j1] + k_segments[j1].length)
         diag = j0 == j1 and kinds[j0] == "diag"
         span = k_segments[j0 : j1 + 1]
-        by_position = None
+        if q_docs is not None:
+            visible_k = [(k_segments[j], k_off[j]) for j in visible]
+            doc_calls = _document_calls(qseg, q_off[qi], visible_k, q_docs, k_docs, causal)
+            if doc_calls is not None:
+                calls += doc_calls
+                continue
+        by_position = None  # dense (Sq, Sk) visibility by position, only when some pair is partial
         if not all(kinds[j] == "full" for j in range(j0, j1 + 1)) or q_docs is not None:
             qpos = positions([qseg], q_docs.device if q_docs is not None else "cpu")
             kpos = positions(span, qpos.device)
@@ -131,9 +144,58 @@ def _merge_full_calls(calls: list[BlockCall]) -> list[BlockCall]:
         if (
             prev is not None and isinstance(prev.mask, str) and isinstance(call.mask, str)
             and prev.mask == FULL and call.mask == FULL and prev.k_rows == call.k_rows
-            and prev.q_rows.stop == call.q_rows.start
+            and prev.q_rows.stop == call.q_rows.start and prev.batch == call.batch
         ):
-            merged[-1] = BlockCall(slice(prev.q_rows.start, call.q_rows.stop), call.k_rows, FULL)
+            merged[-1] = BlockCall(slice(prev.q_rows.start, call.q_rows.stop), call.k_rows, FULL, call.batch)
         else:
             merged.append(call)
     return merged
+
+
+def _runs(ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(value, start, stop) of the runs of equal consecutive values of a 1-D tensor."""
+    if ids.numel() == 0:
+        return []
+    cuts = (torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1).tolist()
+    starts, stops = [0, *cuts], [*cuts, ids.numel()]
+    return list(zip(ids[starts].tolist(), starts, stops))
+
+
+def _document_calls(
+    qseg: Segment, q_start: int, visible_k: Sequence[tuple[Segment, int]], q_docs: torch.Tensor, k_docs: torch.Tensor,
+    causal: bool,
+) -> list[BlockCall] | None:
+    """FULL/CAUSAL calls per pair of same-document runs, batch rows with equal plans merged.
+
+    None when a pair of runs is only partly visible or there would be more than MAX_DOCUMENT_CALLS
+    calls: the caller then uses one dense mask.
+    """
+    per_row: list[list[tuple[slice, slice, str]]] = []
+    for b in range(q_docs.shape[0]):
+        k_runs: dict[int, list[tuple[int, int, int]]] = {}
+        for kseg, k_start in visible_k:
+            for doc, a, z in _runs(k_docs[b, k_start : k_start + kseg.length]):
+                k_runs.setdefault(doc, []).append((k_start + a, k_start + z, kseg.start + a))
+        row: list[tuple[slice, slice, str]] = []
+        for doc, a, z in _runs(q_docs[b, q_start : q_start + qseg.length]):
+            q_run = Segment(qseg.start + a, z - a)
+            for ka, kz, kpos in k_runs.get(doc, []):
+                kind = _pair_kind(q_run, Segment(kpos, kz - ka), causal)
+                if kind == "partial":
+                    return None
+                if kind != "empty":
+                    row.append((slice(q_start + a, q_start + z), slice(ka, kz), FULL if kind == "full" else CAUSAL))
+        if len(row) > MAX_DOCUMENT_CALLS:
+            return None
+        per_row.append(row)
+    calls: list[BlockCall] = []
+    b = 0
+    while b < len(per_row):
+        e = b + 1
+        while e < len(per_row) and per_row[e] == per_row[b]:
+            e += 1
+        calls += [BlockCall(q, k, m, slice(b, e)) for q, k, m in per_row[b]]
+        b = e
+    if len(calls) > MAX_DOCUMENT_CALLS:
+        return None
+    return calls

@@ -33,8 +33,10 @@ class PartialAccumulator:
         self.out = torch.zeros(b, h, s, d, dtype=dtype, device=like.device)
         self.lse = torch.full((b, h, s), float("-inf"), dtype=dtype, device=like.device)
 
-    def add(self, rows: slice, out: torch.Tensor, lse: torch.Tensor) -> None:
-        """Merge a partial for query rows `rows` (along the sequence axis)."""
-        merged_out, merged_lse = merge_partials(self.out[:, :, rows], self.lse[:, :, rows], out.to(self.out.dtype), lse.to(self.lse.dtype))
-        self.out[:, :, rows] = merged_out
-        self.lse[:, :, rows] = merged_lse
+    def add(self, rows: slice, out: torch.Tensor, lse: torch.Tensor, batch: slice = slice(None)) -> None:
+        """Merge a partial for query rows `rows` (sequence axis) of batch rows `batch`."""
+        merged_out, merged_lse = merge_partials(
+            self.out[batch, :, rows], self.lse[batch, :, rows], out.to(self.out.dtype), lse.to(self.lse.dtype)
+        )
+        self.out[batch, :, rows] = merged_out
+        self.lse[batch, :, rows] = merged_lse

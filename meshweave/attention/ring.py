@@ -50,20 +50,21 @@ def step_plans(
 def attend_block(q, k, v, plan: Plan, acc: PartialAccumulator, scale: float, backend: str) -> None:
     """Merge the partials of every call of `plan` into `acc`. No communication."""
     for call in plan:
-        out, lse = block_forward(q[:, :, call.q_rows], k[:, :, call.k_rows], v[:, :, call.k_rows], call.mask, scale, backend)
-        acc.add(call.q_rows, out, lse)
+        b, r, c = call.batch, call.q_rows, call.k_rows
+        out, lse = block_forward(q[b, :, r], k[b, :, c], v[b, :, c], call.mask, scale, backend)
+        acc.add(r, out, lse, b)
 
 
 def attend_block_backward(dout, q, k, v, out, lse, plan: Plan, dq, dk, dv, scale: float, backend: str) -> None:
     """Add the block's gradient contributions into dq (query rows) and dk, dv (key rows)."""
     for call in plan:
-        r, c = call.q_rows, call.k_rows
+        b, r, c = call.batch, call.q_rows, call.k_rows
         gq, gk, gv = block_backward(
-            dout[:, :, r], q[:, :, r], k[:, :, c], v[:, :, c], out[:, :, r], lse[:, :, r], call.mask, scale, backend
+            dout[b, :, r], q[b, :, r], k[b, :, c], v[b, :, c], out[b, :, r], lse[b, :, r], call.mask, scale, backend
         )
-        dq[:, :, r] += gq
-        dk[:, :, c] += gk
-        dv[:, :, c] += gv
+        dq[b, :, r] += gq
+        dk[b, :, c] += gk
+        dv[b, :, c] += gv
 
 
 def _ring_forward(q, k, v, group: CommGroup, plans: list[Plan], scale: float, backend: str):
