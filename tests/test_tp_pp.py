@@ -85,3 +85,71 @@ def test_layout_equals_single_process(name, reference):
 def test_reference_actually_learns(reference):
     """Guard against comparing two broken runs: the loss must fall over the three steps."""
     assert reference["losses"][-1] < reference["losses"][0]
+
+
+def test_clipping_is_active_in_these_runs(reference):
+    """The runs clip at the default grad_clip 1.0; the gradient norm is above it, so every layout's
+    update depends on a correct global norm over tp shards, pipeline stages and dp replicas."""
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in reference["grads"].values()))
+    assert norm > 1.0
+
+
+BAD_LAYOUTS = [
+    (["parallel.tp=2", "model.n_heads=3", "model.n_kv_heads=1", "model.dim=96"], 2,
+     "parallel.tp: model.n_heads 3 is not divisible by tp 2"),
+    (["parallel.tp=4", "model.n_kv_heads=2"], 4, "model.n_kv_heads 2 is not divisible by tp 4"),
+    (["parallel.pp=2", "model.n_layers=3", "parallel.microbatches=2"], 2,
+     "model.n_layers: 3 layers do not split evenly into pp*virtual_stages = 2 stages"),
+    (["parallel.pp=2", "parallel.pp_schedule=interleaved1f1b", "parallel.virtual_stages=3", "parallel.microbatches=2"],
+     2, "model.n_layers: 4 layers do not split evenly into pp*virtual_stages = 6"),
+    (["parallel.pp=2", "parallel.pp_schedule=1f1b", "parallel.microbatches=1"], 2,
+     "parallel.microbatches: 1f1b needs microbatches >= pp (1 < 2)"),
+    (["parallel.pp=2", "parallel.pp_schedule=chimera", "parallel.microbatches=2"], 2,
+     "parallel.pp_schedule: 'chimera' is not available; choose one of gpipe, 1f1b, interleaved1f1b"),
+    (["parallel.pp=2", "parallel.pp_schedule=zbvzerobubble", "parallel.virtual_stages=4", "parallel.microbatches=2"],
+     2, "schedule zbvzerobubble places exactly 2 stages per rank"),
+    (["parallel.pp=2", "parallel.pp_schedule=interleaved1f1b", "parallel.microbatches=2"], 2,
+     "schedule interleaved1f1b needs virtual_stages > 1"),
+    (["parallel.dp=2", "parallel.tp=2", "parallel.dp_mode=ddp"], 4, "parallel.dp_mode: ddp cannot wrap tensor-parallel"),
+    (["parallel.pp=4", "parallel.pp_split=cost", "model.n_layers=3", "parallel.microbatches=4"], 4,
+     "model.n_layers: 3 layers cannot fill pp*virtual_stages = 4 stages"),
+]
+
+
+@pytest.mark.parametrize("overrides,world,message", BAD_LAYOUTS)
+def test_bad_layout_is_one_line_error(overrides, world, message):
+    from meshweave.runtime.config import load_config
+    from meshweave.runtime.validate import validate
+
+    problems = validate(load_config(None, overrides), world)
+    assert len(problems) == 1 and "\n" not in problems[0]
+    assert message in problems[0]
+
+
+@pytest.mark.parametrize("overrides,world,message", [BAD_LAYOUTS[0], BAD_LAYOUTS[4], BAD_LAYOUTS[5]])
+def test_cli_plan_rejects_bad_layout_with_exit_2(overrides, world, message):
+    import subprocess
+    import sys
+
+    args = ["plan", "--world-size", str(world)] + [a for o in overrides for a in ("--set", o)]
+    proc = subprocess.run([sys.executable, "-m", "meshweave", *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_plan_shows_stages_peers_and_bubble():
+    import subprocess
+    import sys
+
+    args = ["plan", "--world-size", "8", "--set", "parallel.dp=2", "--set", "parallel.tp=2", "--set", "parallel.pp=2",
+            "--set", "parallel.pp_schedule=interleaved1f1b", "--set", "parallel.virtual_stages=2",
+            "--set", "parallel.microbatches=4", "--set", "train.global_batch=16"]
+    proc = subprocess.run([sys.executable, "-m", "meshweave", *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "ideal bubble fraction 0.111" in out  # (p-1)/(v*m+p-1) = 1/9
+    assert "pp rank 1: stage 1 = layers 1-1, stage 3 = layers 3-3" in out
+    row5 = next(line.split() for line in out.splitlines() if line.split()[:1] == ["5"])
+    assert row5[1:5] == ["1", "0", "0", "1"] and row5[5] == "1-1+3-3"  # pp dp sp tp, layers of both chunks
+    assert row5[6] == "5,7" and row5[8] == "4,5"  # dp peers, tp peers
