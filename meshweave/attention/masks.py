@@ -4,8 +4,9 @@ A shard holds one or more contiguous runs (`Segment`s) of the global sequence; t
 of a token decides causality, and `document_ids` (equal ids attend to each other) decide packed
 documents. `plan_block` turns one (query shard, key shard) pair into the few kernel calls that
 cover every visible pair: blocks with no visible key are skipped (never computed, never merged),
-fully visible and diagonal-causal blocks use the fast kernel paths, and only partially visible
-blocks carry an explicit boolean mask. Pure computation: no communication. Hand-written because flex_attention's BlockMask (the torch
+fully visible and diagonal-causal blocks use the fast kernel paths, packed documents become one
+FULL or CAUSAL call per pair of same-document runs (as varlen attention does), and only what is
+left (partially visible pairs, or too many tiny documents) carries an explicit boolean mask. Pure computation: no communication. Hand-written because flex_attention's BlockMask (the torch
 way to describe such masks) has no backward on CPU, and the plan must also drive the flash kernels.
 """
 
