@@ -37,15 +37,19 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, path.read_text().splitlines())] if path.exists() else []
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> dict[int, float]:
-    """Losses of the uninterrupted run (2 processes, dp=2), step by step."""
-    run_dir = tmp_path_factory.mktemp("straight")
-    proc = subprocess.run(_cmd(run_dir), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = dict(_losses(run_dir))
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    return losses
+LAYOUTS = {"dp2": ["--set=parallel.dp=2"], "tp2": ["--set=parallel.tp=2", "--set=parallel.dp=1"]}
+_STRAIGHT: dict[str, dict[int, float]] = {}
+
+
+def straight_losses(layout: str, tmp_path_factory) -> dict[int, float]:
+    """Losses of the uninterrupted 2-process run of a layout, step by step (computed once per layout)."""
+    if layout not in _STRAIGHT:
+        run_dir = tmp_path_factory.mktemp(f"straight-{layout}")
+        proc = subprocess.run(_cmd(run_dir, *LAYOUTS[layout]), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        _STRAIGHT[layout] = dict(_losses(run_dir))
+        assert sorted(_STRAIGHT[layout]) == list(range(1, STEPS + 1))
+    return _STRAIGHT[layout]
 
 
 def _kill_when_step_logged(cmd: list[str], run_dir: Path, step: int) -> None:
@@ -60,12 +64,9 @@ def _kill_when_step_logged(cmd: list[str], run_dir: Path, step: int) -> None:
     proc.wait(timeout=30)
 
 
-LAYOUTS = {"dp2": ["--set=parallel.dp=2"]}
-
-
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_sigkill_then_resume_gives_identical_losses(layout, tmp_path, straight):
-    expected = straight
+def test_sigkill_then_resume_gives_identical_losses(layout, tmp_path, tmp_path_factory):
+    expected = straight_losses(layout, tmp_path_factory)
     ckpt = [f"--set=checkpoint.dir={tmp_path / 'ckpt'}", "--set=checkpoint.every_steps=1", "--set=checkpoint.mode=lazy"]
     cmd = _cmd(tmp_path, *LAYOUTS[layout], *ckpt)
     _kill_when_step_logged(cmd, tmp_path, STEPS // 2)
@@ -84,8 +85,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_max_restarts_recovers_a_crashed_worker(tmp_path, straight):
-    expected = straight
+def test_torchrun_max_restarts_recovers_a_crashed_worker(tmp_path, tmp_path_factory):
+    expected = straight_losses("dp2", tmp_path_factory)
     env = {**os.environ, "MESHWEAVE_FAULT": "crash:rank=1:step=7", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "-m", "meshweave", "train",
@@ -137,13 +138,20 @@ def _load_only(ckpt_dir: str, overrides: list[str]):
     return snapshot
 
 
-RESHARD_TARGETS = {"dp2": ["parallel.dp=2"]}
+RESHARD_TARGETS = {"dp2": (2, ["parallel.dp=2"]), "dp2-tp2": (4, ["parallel.dp=2", "parallel.tp=2"])}
+
+
+@pytest.fixture(scope="module")
+def saved_under_dp4(tmp_path_factory):
+    ckpt_dir = tmp_path_factory.mktemp("dp4")
+    return ckpt_dir, run_distributed(_train_and_save, 4, str(ckpt_dir), ["parallel.dp=4"])[0]
 
 
 @pytest.mark.parametrize("target", list(RESHARD_TARGETS))
-def test_save_under_dp4_load_under_other_layout(target, tmp_path):
-    saved = run_distributed(_train_and_save, 4, str(tmp_path), ["parallel.dp=4"])[0]
-    for loaded in run_distributed(_load_only, 2, str(tmp_path), RESHARD_TARGETS[target]):
+def test_save_under_dp4_load_under_other_layout(target, saved_under_dp4):
+    ckpt_dir, saved = saved_under_dp4
+    world, overrides = RESHARD_TARGETS[target]
+    for loaded in run_distributed(_load_only, world, str(ckpt_dir), overrides):
         assert loaded["step"] == saved["step"] == 3 and loaded["lr"] == saved["lr"]
         assert loaded["sampler"]["position"] == saved["sampler"]["position"]
         assert loaded["sampler"]["epoch"] == saved["sampler"]["epoch"]
