@@ -22,6 +22,9 @@ from tests.checkpoint_support import (  # noqa: F401 - one_intra_op_thread is an
     TINY, TinyRun, assert_same_state, full_state, one_intra_op_thread, settings,
 )
 
+# DCP warns on every single-process call that it runs single-process: that is intended here.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
 
 def _train(run: TinyRun, steps: int, ckpt: Checkpointer | None = None) -> list[float]:
     return [run.step(ckpt) for _ in range(steps)]
@@ -291,3 +294,19 @@ def test_loading_into_a_different_model_is_a_clear_error(tmp_path):
     app = {"model": ModelState([other])}
     with pytest.raises(CheckpointLoadError, match="does not fit"):
         Checkpointer(settings(str(tmp_path)), None, 0, 1).load_latest(app)
+
+
+def test_host_buffers_are_allocated_once_and_reused(tmp_path):
+    run = TinyRun()
+    ckpt = Checkpointer(settings(str(tmp_path), every_steps=1, keep=1), None, 0, 1)
+    run.step(ckpt)
+    ckpt.wait()
+    pointers = {k: b.data_ptr() for k, b in ckpt.snapshot.buffers.items()}
+    allocated = ckpt.snapshot.allocated_bytes
+    for _ in range(6):
+        run.step(ckpt)
+    ckpt.close()
+    assert {k: b.data_ptr() for k, b in ckpt.snapshot.buffers.items()} == pointers
+    leaves = [v for v in full_state(run).values() if isinstance(v, torch.Tensor)]  # weights, moments, step counters
+    assert ckpt.snapshot.allocated_bytes == allocated == sum(v.numel() * v.element_size() for v in leaves)
+    assert ckpt.stats.committed == 7 and layout.committed_steps(tmp_path) == [7]

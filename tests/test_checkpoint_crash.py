@@ -35,6 +35,9 @@ CRASH_POINTS = {
     "before_pointer:persistent": 3,
 }
 
+# DCP warns on every single-process call that it runs single-process: that is intended here.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
 
 def _reference() -> tuple[list[float], dict[int, dict]]:
     run, losses, states = TinyRun(), [], {}

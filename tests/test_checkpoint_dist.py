@@ -13,6 +13,9 @@ from meshweave.checkpoint import CheckpointFallbackWarning, Checkpointer, layout
 from meshweave.testing import run_distributed
 from tests.checkpoint_support import TinyRun, assert_same_state, full_state, settings
 
+# DCP warns on every single-process call that it runs single-process: that is intended here.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
 
 def _setup(seed: int = 0) -> tuple[TinyRun, dist.ProcessGroup]:
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
