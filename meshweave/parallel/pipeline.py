@@ -133,9 +133,10 @@ def apply_pipeline_replicate(module: nn.Module, mesh: Mesh) -> nn.Module:
     its gradients after the stage's last microbatch backward.
 
     Uses torch's composable `replicate` (DDP semantics on FSDP2's machinery), which pipelining
-    drives like FSDP2. `DistributedDataParallel` itself cannot be used here: its reducer records
-    every microbatch's backward in its first-iteration bucket rebuild when the pipeline runs the
-    forwards under no_sync, and then fails an internal assertion on the next step.
+    drives like FSDP2. `DistributedDataParallel` itself fails here (torch 2.13, gloo) as soon as a
+    step has more than one microbatch: after the first step its reducer holds twice as many
+    parameters in its bucket-rebuild order as the stage has ("rebuilt parameter indices size is
+    not same as original model parameters size", 19 vs 38) and asserts in the next forward.
     """
     if mesh.dims.dp * mesh.dims.sp == 1:
         return module
