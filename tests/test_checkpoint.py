@@ -310,3 +310,23 @@ def test_host_buffers_are_allocated_once_and_reused(tmp_path):
     leaves = [v for v in full_state(run).values() if isinstance(v, torch.Tensor)]  # weights, moments, step counters
     assert ckpt.snapshot.allocated_bytes == allocated == sum(v.numel() * v.element_size() for v in leaves)
     assert ckpt.stats.committed == 7 and layout.committed_steps(tmp_path) == [7]
+
+
+def test_one_optimizer_over_two_pipeline_stages_round_trips(tmp_path):
+    torch.manual_seed(0)
+    stages = _stages(Transformer(TINY))
+    opt = torch.optim.AdamW([p for s in stages for p in s.parameters()], lr=3e-3)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 8))
+    stages[1](stages[0](tokens)).square().mean().backward()
+    opt.step()
+    saved = {"model": ModelState(stages), "optimizer": OptimizerState(stages, [opt])}
+    ckpt = Checkpointer(settings(str(tmp_path), every_steps=1), None, 0, 1, replicated_keys=())
+    ckpt.after_optimizer_step(1, saved)
+    ckpt.close()
+    torch.manual_seed(7)
+    fresh = _stages(Transformer(TINY))
+    fresh_opt = torch.optim.AdamW([p for s in fresh for p in s.parameters()], lr=1e-3)
+    target = {"model": ModelState(fresh), "optimizer": OptimizerState(fresh, [fresh_opt])}
+    assert Checkpointer(settings(str(tmp_path)), None, 0, 1, replicated_keys=()).load_latest(target) == 1
+    assert_same_state(_flat(target), _flat(saved))
+    assert any(k.startswith("optimizer/state.layers.1.") for k in _flat(saved))

@@ -51,13 +51,20 @@ class ModelState:
 
 
 class OptimizerState:
-    """The optimizer state of one or more (model part, optimizer) pairs, flattened by parameter name."""
+    """The optimizer state of (model part, optimizer) pairs, flattened by parameter name.
+
+    Either one optimizer per model part, or one optimizer over all parts (e.g. several virtual
+    pipeline stages on one rank): then the parts are viewed as one module with their original names.
+    """
 
     _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
     def __init__(self, model_parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> None:
+        if len(optimizers) == 1 and len(model_parts) > 1:
+            model_parts = [merged_view(model_parts)]
         if len(model_parts) != len(optimizers):
-            raise ValueError(f"{len(model_parts)} model parts but {len(optimizers)} optimizers: give one each")
+            raise ValueError(f"{len(model_parts)} model parts but {len(optimizers)} optimizers: give one per part, "
+                             f"or one for all parts")
         self.model_parts, self.optimizers = list(model_parts), list(optimizers)
 
     def state_dict(self) -> dict[str, Any]:
@@ -71,6 +78,31 @@ class OptimizerState:
         """Load every pair from the merged flattened dict."""
         for part, opt in zip(self.model_parts, self.optimizers):
             set_optimizer_state_dict(part, opt, optim_state_dict=state_dict, options=self._OPTIONS)
+
+
+def merged_view(parts: list[nn.Module]) -> nn.Module:
+    """One module holding the parts' submodules (shared, not copied) under their original names.
+
+    Pipeline stages keep the full model's names ("layers.3...") and each submodule lives in one
+    stage, so the union of the stages' module trees is a module whose parameter names are global.
+    """
+    root = nn.Module()
+    _merge_into(root, parts)
+    return root
+
+
+def _merge_into(dst: nn.Module, modules: list[nn.Module]) -> None:
+    for m in modules:
+        dst._parameters.update({k: v for k, v in m._parameters.items() if v is not None})
+        dst._buffers.update({k: v for k, v in m._buffers.items() if v is not None})
+    names = list(dict.fromkeys(n for m in modules for n, c in m._modules.items() if c is not None))
+    for name in names:
+        children = [m._modules[name] for m in modules if m._modules.get(name) is not None]
+        if len(children) == 1:
+            dst._modules[name] = children[0]
+        else:
+            dst._modules[name] = nn.Module()
+            _merge_into(dst._modules[name], children)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
