@@ -330,3 +330,22 @@ def test_one_optimizer_over_two_pipeline_stages_round_trips(tmp_path):
     assert Checkpointer(settings(str(tmp_path)), None, 0, 1, replicated_keys=()).load_latest(target) == 1
     assert_same_state(_flat(target), _flat(saved))
     assert any(k.startswith("optimizer/state.layers.1.") for k in _flat(saved))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA staging path needs a GPU (its CPU twin runs above)")
+def test_cuda_snapshot_is_ordered_after_an_unsynchronised_optimizer_step(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(TINY).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    app = {"model": ModelState([model]), "optimizer": OptimizerState([model], [opt])}
+    ckpt = Checkpointer(settings(str(tmp_path), every_steps=1), None, 0, 1, replicated_keys=())
+    model(torch.randint(0, TINY.vocab_size, (2, 8), device="cuda")).sum().backward()
+    opt.step()  # queued on the compute stream, not synchronised
+    ckpt.after_optimizer_step(1, app)
+    ckpt.before_optimizer_step()
+    expected = {k: v.detach().cpu() for k, v in app["model"].state_dict().items()}
+    for key, value in expected.items():
+        buf = ckpt.snapshot.buffers[f"model/{key}"]
+        assert buf.is_pinned() and torch.equal(buf, value), key
+    ckpt.close()
+    assert layout.committed_steps(tmp_path) == [1]
