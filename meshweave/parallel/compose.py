@@ -77,8 +77,8 @@ def tensor_parallel_traffic(mesh: Mesh) -> Callable[[], CountedTensorParallel] |
     """Factory of the context that records DTensor's tensor-parallel collectives in the ledger (None if tp == 1)."""
     if mesh.dims.tp == 1 or not mesh.ledger.enabled:
         return None
-    group_name = mesh.submesh("tp").get_group().group_name
-    return lambda: CountedTensorParallel(mesh.ledger, group_name)
+    tp_ranks = mesh.group("tp").ranks
+    return lambda: CountedTensorParallel(mesh.ledger, tp_ranks)
 
 
 def pipeline_runner(wrapped: list[nn.Module], parts: list[nn.Module], stage_ids: list[int], mesh: Mesh, cfg: Config,

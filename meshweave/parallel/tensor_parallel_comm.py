@@ -4,14 +4,17 @@ DTensor (and `loss_parallel`) issue their collectives as functional collectives
 (`torch.ops._c10d_functional.*`) below the autograd layer, forward and backward, so they never pass
 through a CommGroup. `CountedTensorParallel` is a TorchDispatchMode — the mechanism torch's own
 `CommDebugMode` uses, which counts calls but not bytes — that sees each of those ops and records
-it (same payload convention as CommGroup: the bytes this rank hands in) under the group's name
-when the op runs on the tensor-parallel process group; collectives on other groups are recorded
-under "dtensor". It changes nothing it sees.
+it (same payload convention as CommGroup: the bytes this rank hands in) under "tp" when the op
+runs on a process group whose members are the tensor-parallel ranks (compared by members, not by
+name: a reused process may hold several groups over the same ranks); collectives on other groups
+are recorded under "dtensor". It changes nothing it sees.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -30,9 +33,16 @@ COUNTED_OPS = {
 class CountedTensorParallel(TorchDispatchMode):
     """Records every functional collective issued while active (forward and backward)."""
 
-    def __init__(self, ledger: CommLedger, tp_group_name: str, name: str = "tp") -> None:
+    def __init__(self, ledger: CommLedger, tp_ranks: list[int], name: str = "tp") -> None:
         super().__init__()
-        self.ledger, self.tp_group_name, self.name = ledger, tp_group_name, name
+        self.ledger, self.tp_ranks, self.name = ledger, list(tp_ranks), name
+        self._is_tp: dict[str, bool] = {}
+
+    def _group_label(self, group_name: str) -> str:
+        if group_name not in self._is_tp:
+            group = _resolve_process_group(group_name)
+            self._is_tp[group_name] = dist.get_process_group_ranks(group) == self.tp_ranks
+        return self.name if self._is_tp[group_name] else "dtensor"
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if any(issubclass(t, DTensor) for t in types):
@@ -43,8 +53,7 @@ class CountedTensorParallel(TorchDispatchMode):
         if entry is not None:
             op, group_arg = entry
             tensor = args[0]
-            group = self.name if args[group_arg] == self.tp_group_name else "dtensor"
-            self.ledger.record(group, op, tensor.numel() * tensor.element_size())
+            self.ledger.record(self._group_label(args[group_arg]), op, tensor.numel() * tensor.element_size())
         return func(*args, **(kwargs or {}))
 
 
