@@ -74,6 +74,9 @@ CASES = {
                                    "parallel.microbatches=2", "parallel.activation_checkpointing=true"),
     "tp2-pp2-interleaved1f1b": layout(1, 2, 2, "parallel.pp_schedule=interleaved1f1b", "parallel.virtual_stages=2",
                                       "parallel.microbatches=4"),
+    # composed with sequence-parallel attention (ring, zigzag shards): TP over each SP shard's tokens
+    "sp2-tp2": layout(1, 2, 1, "parallel.sp=2"),
+    "sp2-pp2-1f1b": layout(1, 1, 2, "parallel.sp=2", "parallel.microbatches=2"),
     "dp2-tp2-pp2-fsdp-zbv": layout(2, 2, 2, "parallel.dp_mode=fsdp", "parallel.pp_schedule=zbvzerobubble",
                                    "parallel.virtual_stages=2", "parallel.microbatches=2"),
 }
@@ -83,7 +86,7 @@ CASES = {
 def test_layout_equals_single_process(name, reference):
     overrides = CASES[name]
     dims = {k: int(v) for o in overrides for k, v in [o.split("=")] if k in ("parallel.dp", "parallel.tp", "parallel.pp")}
-    world = dims["parallel.dp"] * dims["parallel.tp"] * dims["parallel.pp"]
+    world = dims["parallel.dp"] * dims["parallel.tp"] * dims["parallel.pp"] * (2 if "parallel.sp=2" in overrides else 1)
     own = [o for o in overrides if not o.startswith("parallel.")]
     if own:  # a different model or data: compare with its own one-process run
         reference = run_distributed(train_and_collect, 1, own)[0]
@@ -161,3 +164,17 @@ def test_cli_plan_shows_stages_peers_and_bubble():
     row5 = next(line.split() for line in out.splitlines() if line.split()[:1] == ["5"])
     assert row5[1:5] == ["1", "0", "0", "1"] and row5[5] == "1-1+3-3"  # pp dp sp tp, layers of both chunks
     assert row5[6] == "5,7" and row5[8] == "4,5"  # dp peers, tp peers
+
+
+@pytest.mark.parametrize("overrides", [
+    layout(2, 2, 1, "parallel.dp_mode=fsdp", "train.dtype=bfloat16"),
+    layout(2, 1, 2, "parallel.dp_mode=fsdp", "parallel.microbatches=2", "train.dtype=bfloat16"),
+], ids=["dp2-tp2-fsdp-bf16", "dp2-pp2-fsdp-bf16"])
+def test_bf16_compute_tracks_fp32(overrides, reference):
+    """bf16 compute (FSDP2 mixed precision: bf16 params in compute, bf16 activations across stages)
+    with fp32 master weights: losses within bf16 rounding (~3 significant digits) of fp32."""
+    results = run_distributed(train_and_collect, 4, overrides)
+    for res in results:
+        torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(reference["losses"]), rtol=2e-2, atol=0)
+        assert all(p.dtype == torch.float32 for p in res["params"].values())
+        assert res["losses"] != reference["losses"]  # bf16 really was used
