@@ -45,7 +45,7 @@ class Candidate:
 def disk_candidates(cfg: CheckpointSettings) -> list[Candidate]:
     """Committed checkpoints of every disk level, newest first; for one step, levels in flush order."""
     found = [Candidate(step, level, str(Path(cfg.level_dir(level)) / layout.step_dirname(step)))
-             for i, level in enumerate(cfg.disk_levels()) for step in layout.committed_steps(cfg.level_dir(level))]
+             for level in cfg.disk_levels() for step in layout.committed_steps(cfg.level_dir(level))]
     order = {lvl: i for i, lvl in enumerate(cfg.disk_levels())}
     return sorted(found, key=lambda c: (-c.step, order[c.level]))
 
