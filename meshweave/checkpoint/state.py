@@ -21,6 +21,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from meshweave.checkpoint.live_cache import (LiveStateCache, hyperparameter_reader, model_fingerprint,
+                                             optimizer_fingerprint)
+
 SEP = "/"  # joins nested dict keys; fqns use ".", so "/" never collides with them
 
 
@@ -36,9 +39,13 @@ class ModelState:
 
     def __init__(self, model_parts: list[nn.Module]) -> None:
         self.model_parts = list(model_parts)
+        self.cache = LiveStateCache(self._compute, lambda: model_fingerprint(self.model_parts))
 
     def state_dict(self) -> dict[str, Any]:
         """Merged `get_model_state_dict` of every part; tensors are references, not copies."""
+        return self.cache.get()
+
+    def _compute(self) -> dict[str, Any]:
         merged: dict[str, Any] = {}
         for part in self.model_parts:
             merged.update(get_model_state_dict(part))
@@ -46,6 +53,7 @@ class ModelState:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load every part from the merged dict; each part takes the keys it owns."""
+        self.cache.invalidate()
         for part in self.model_parts:
             set_model_state_dict(part, state_dict, options=StateDictOptions(strict=False))
 
@@ -66,9 +74,16 @@ class OptimizerState:
             raise ValueError(f"{len(model_parts)} model parts but {len(optimizers)} optimizers: give one per part, "
                              f"or one for all parts")
         self.model_parts, self.optimizers = list(model_parts), list(optimizers)
+        # DCP names optimizer state through the model's parameters: both identities key the cache.
+        self.cache = LiveStateCache(self._compute,
+                                    lambda: optimizer_fingerprint(self.optimizers) + model_fingerprint(self.model_parts),
+                                    lambda plain: hyperparameter_reader(self.model_parts, self.optimizers, plain))
 
     def state_dict(self) -> dict[str, Any]:
-        """Merged flattened `get_optimizer_state_dict` of every pair."""
+        """Merged flattened `get_optimizer_state_dict` of every pair (hyper-parameters always current)."""
+        return self.cache.get()
+
+    def _compute(self) -> dict[str, Any]:
         merged: dict[str, Any] = {}
         for part, opt in zip(self.model_parts, self.optimizers):
             merged.update(get_optimizer_state_dict(part, opt, options=self._OPTIONS))
@@ -76,6 +91,7 @@ class OptimizerState:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load every pair from the merged flattened dict."""
+        self.cache.invalidate()
         for part, opt in zip(self.model_parts, self.optimizers):
             set_optimizer_state_dict(part, opt, optim_state_dict=state_dict, options=self._OPTIONS)
 
