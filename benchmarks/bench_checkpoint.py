@@ -180,7 +180,7 @@ def add_ratios(rows: list[dict]) -> None:
         r["stall_over_lazy"] = r["stall_ms"] / lazy_stall if lazy_stall > 0 and r["method"] != "none" else None
 
 
-def write_report(rows: list[dict], out: Path, setup: str) -> None:
+def write_report(rows: list[dict], out: Path, setup: str, name: str = "checkpoint") -> None:
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# Checkpointing every step: training-loop stall and step time (CPU, one process)", "", setup, "",
              "| method | step ms | overhead vs none | stall ms / checkpoint | stall / torch.save stall | stall / lazy stall |",
@@ -189,10 +189,10 @@ def write_report(rows: list[dict], out: Path, setup: str) -> None:
         fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
         lines.append(f"| {r['method']} | {r['step_ms']:.1f} | {r['overhead_pct']:+.1f}% | {r['stall_ms']:.2f} | "
                      f"{fmt(r['stall_vs_torch_save'], '.3f')} | {fmt(r['stall_over_lazy'], '.1f')}x |")
-    (out / "checkpoint.md").write_text("\n".join(lines) + "\n")
-    (out / "checkpoint.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
     print("\n".join(lines))
-    plot(rows, out / "checkpoint.png")
+    plot(rows, out / f"{name}.png")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -226,8 +226,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="intra-op threads of the training thread (default 1: on a shared 2-core machine two "
                              "OpenMP threads stall each other; the flush thread always uses one)")
+    parser.add_argument("--large-state", action="store_true",
+                        help="16k vocabulary: about 4x the state bytes with the same tensor count (torch.save's stall "
+                             "grows with bytes, the lazy stall with the number of tensors); writes checkpoint_large.*")
     args = parser.parse_args()
-    if args.quick:
+    if args.large_state:
+        cfg, batch, seq, rounds, steps = ModelConfig(vocab_size=16384, dim=256, n_layers=4, n_heads=8, n_kv_heads=4,
+                                                     ffn_hidden=688), 8, 256, 3, 4
+    elif args.quick:
         cfg, batch, seq, rounds, steps = ModelConfig(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
                                                      ffn_hidden=344), 8, 512, 3, 4
     else:
@@ -248,7 +254,7 @@ def main() -> None:
              f"{os.cpu_count()} CPU cores, {args.threads} compute thread(s); {rounds} interleaved rounds x {steps} steps "
              f"(step time: best round; stall: median); keep={KEEP}; machine load average {load_before:.1f} at start, "
              f"{os.getloadavg()[0]:.1f} at end")
-    write_report(rows, Path(args.out), setup)
+    write_report(rows, Path(args.out), setup, "checkpoint_large" if args.large_state else "checkpoint")
 
 
 if __name__ == "__main__":
