@@ -9,6 +9,7 @@ its module.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -89,19 +90,12 @@ class SequenceParallelAttention:
         return fn(qt, kt, vt, self.group, segments, causal, scale, docs, self.backend).transpose(1, 2)
 
 
-def build_attention_op(
-    method: str,
-    group: CommGroup | None = None,
-    *,
-    ulysses_group: CommGroup | None = None,
-    ring_group: CommGroup | None = None,
-    scale: float | None = None,
-    backend: str = "auto",
-) -> SequenceParallelAttention:
+def build_attention_op(method: str, group: CommGroup | None = None, **options: Any) -> SequenceParallelAttention:
     """The `AttentionOp` for `method` ("local", "ulysses", "ring", "tokenring", "usp").
 
     local/ulysses/ring/tokenring take the SP `group`; usp takes `ulysses_group` (inner) and
     `ring_group` (outer) as returned, by rank list, from `usp_rank_groups`. Install it with
-    `Transformer.set_attention_op(op)` and shard inputs with `op.shard(x)`.
+    `Transformer.set_attention_op(op)` and shard inputs with `op.shard(x)`. `options`: ulysses_group,
+    ring_group, scale, backend, as for `SequenceParallelAttention`.
     """
-    return SequenceParallelAttention(method, group, ulysses_group=ulysses_group, ring_group=ring_group, scale=scale, backend=backend)
+    return SequenceParallelAttention(method, group, **options)

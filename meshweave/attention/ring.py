@@ -113,19 +113,29 @@ def _ring_backward(dout, q, k, v, out, lse, group: CommGroup, plans: list[Plan],
     return dq, dkv_done[0], dkv_done[1]
 
 
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, group, plans, scale, backend):
-        out, lse = _ring_forward(q, k, v, group, plans, scale, backend)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.plans, ctx.scale, ctx.backend = group, plans, scale, backend
-        return out.to(q.dtype)
+def blockwise_autograd(forward_fn, backward_fn) -> type[torch.autograd.Function]:
+    """An autograd Function around a ring-style pair: forward_fn(q, k, v, group, plans, scale, backend) ->
+    (out, lse), and backward_fn(dout, q, k, v, out, lse, group, plans, scale, backend) -> (dq, dk, dv).
+    Ring and TokenRing differ only in what they send; the autograd bookkeeping is the same."""
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, ctx.group, ctx.plans, ctx.scale, ctx.backend)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+    class _Blockwise(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, group, plans, scale, backend):
+            out, lse = forward_fn(q, k, v, group, plans, scale, backend)
+            ctx.save_for_backward(q, k, v, out, lse)
+            ctx.group, ctx.plans, ctx.scale, ctx.backend = group, plans, scale, backend
+            return out.to(q.dtype)
+
+        @staticmethod
+        def backward(ctx, dout):
+            q, k, v, out, lse = ctx.saved_tensors
+            dq, dk, dv = backward_fn(dout.contiguous(), q, k, v, out, lse, ctx.group, ctx.plans, ctx.scale, ctx.backend)
+            return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+    return _Blockwise
+
+
+_RingAttention = blockwise_autograd(_ring_forward, _ring_backward)
 
 
 def ring_attention(

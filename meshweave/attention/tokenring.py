@@ -29,7 +29,7 @@ import torch
 from meshweave.attention.local import accum_dtype
 from meshweave.attention.masks import Segment
 from meshweave.attention.merge import PartialAccumulator
-from meshweave.attention.ring import Plan, attend_block, attend_block_backward, step_plans
+from meshweave.attention.ring import Plan, attend_block, attend_block_backward, blockwise_autograd, step_plans
 from meshweave.attention.ring_comm import gather_shards, next_rank, prev_rank, start_exchange
 from meshweave.comm import CommGroup
 
@@ -115,19 +115,7 @@ def _tokenring_backward(dout, q, k, v, out, lse, group: CommGroup, plans: list[P
     return dq, dk, dv
 
 
-class _TokenRingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, group, plans, scale, backend):
-        out, lse = _tokenring_forward(q, k, v, group, plans, scale, backend)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.plans, ctx.scale, ctx.backend = group, plans, scale, backend
-        return out.to(q.dtype)
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _tokenring_backward(dout.contiguous(), q, k, v, out, lse, ctx.group, ctx.plans, ctx.scale, ctx.backend)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+_TokenRingAttention = blockwise_autograd(_tokenring_forward, _tokenring_backward)
 
 
 def tokenring_attention(
