@@ -19,12 +19,13 @@ import faulthandler
 import os
 import queue
 import signal
-import socket
 import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
+
+from meshweave.launch.env import free_port
 
 import torch.multiprocessing as mp
 
@@ -34,12 +35,6 @@ FAILURE_GRACE_S = 10.0
 
 class DistributedTestError(AssertionError):
     """A distributed task failed on some rank or hung past its watchdog."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker_main(rank: int, world: int, port: int, tasks: mp.Queue, results: mp.Queue, threads: int) -> None:
@@ -68,7 +63,7 @@ class WorkerPool:
         ctx = mp.get_context("spawn")
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(world_size)]
-        port = _free_port()
+        port = free_port()
         threads = max(1, (os.cpu_count() or 1) // world_size)
         self._procs = [
             ctx.Process(target=_worker_main, args=(r, world_size, port, self._tasks[r], self._results, threads), daemon=True)
@@ -133,7 +128,8 @@ class WorkerPool:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=3)
-        _POOLS.pop(self.world_size, None) if _POOLS.get(self.world_size) is self else None
+        if _POOLS.get(self.world_size) is self:
+            del _POOLS[self.world_size]
 
 
 def _failure_report(fn: Callable, world: int, failed: dict[int, str], missing: list[int], timeout: float) -> str:

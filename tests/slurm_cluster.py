@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from meshweave.launch.env import free_port
+
 DAEMONS = ("munged", "munge", "unmunge", "slurmctld", "slurmd")
 CLIENTS = ("srun", "sbatch", "sinfo", "squeue", "scancel", "scontrol")
 START_TIMEOUT = 30.0  # seconds for the whole cluster to report an idle node
@@ -41,12 +43,6 @@ _LEAKY_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "TORCHELASTIC_", "TO
 
 class ClusterUnavailable(RuntimeError):
     """The cluster cannot run on this machine (missing binaries, not root, a daemon that does not start)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _port_free(port: int) -> bool:
@@ -149,8 +145,8 @@ class SlurmCluster:
         self.conf.write_text(f"""\
 ClusterName=meshweave-test
 SlurmctldHost={self.node}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge

@@ -18,7 +18,6 @@ import threading
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from meshweave.attention import unshard_sequence
 from meshweave.models.attention_api import AttentionMeta, local_attention

@@ -10,7 +10,7 @@ from meshweave.attention import (
     usp_rank_groups, validate_sp,
 )
 from meshweave.attention import masks
-from meshweave.attention.masks import CAUSAL, FULL, Segment, plan_block, positions
+from meshweave.attention.masks import CAUSAL, FULL, plan_block, positions
 from tests.attention_helpers import make_documents
 
 TIGHT = dict(atol=1e-12, rtol=1e-12)  # fp64 vs fp64: only rounding differs

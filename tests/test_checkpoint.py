@@ -6,7 +6,6 @@ import copy
 import os
 import shutil
 import threading
-import warnings
 
 import pytest
 import torch

@@ -14,7 +14,7 @@ import pytest
 
 from meshweave.models import Transformer
 from meshweave.testing import run_distributed
-from meshweave.testing_equivalence import SMALL_TEST_CONFIG, train_and_collect  # noqa: F401
+from meshweave.testing_equivalence import SMALL_TEST_CONFIG
 from meshweave.runtime.build import build_trainer
 from meshweave.runtime.config import load_config
 

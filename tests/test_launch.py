@@ -2,13 +2,12 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from meshweave.launch.env import detect, expand_nodelist, slurm_to_torch_env
+from meshweave.launch.env import detect, expand_nodelist, free_port, slurm_to_torch_env
 
 SHORT = ["--set", "train.steps=6", "--set", "logging.every_steps=3", "--set", "train.warmup_steps=2",
          "--set", "data.max_bytes=300000", "--set", "train.seq_len=64"]
@@ -52,16 +51,12 @@ def test_embedded_default_run_completes(tmp_path):
     assert (tmp_path / "config.yaml").read_text().startswith("version: 1")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_torchrun_launch_matches_standalone(tmp_path):
     cfg = tmp_path / "dp2.yaml"
     cfg.write_text("version: 1\nparallel: {dp: 2, dp_mode: ddp}\n")
-    port = _free_port()
+    port = free_port()
     torchrun = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                      str(port), "-m", "meshweave", "train", str(cfg), "--set", f"run_dir={tmp_path}/a", *SHORT])
     assert torchrun.returncode == 0, torchrun.stderr[-3000:]
@@ -74,7 +69,7 @@ def test_torchrun_launch_matches_standalone(tmp_path):
 
 def test_slurm_environment_launch(tmp_path):
     """What srun gives each task (SLURM_PROCID/NTASKS/LOCALID/NODELIST): two tasks form one job."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(2):
         env = {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),

@@ -8,13 +8,14 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from meshweave.launch.env import free_port
 import torch
 from torch.distributed.tensor import DTensor
 
@@ -79,17 +80,13 @@ def test_sigkill_then_resume_gives_identical_losses(layout, tmp_path, tmp_path_f
         assert loss == expected[step], f"step {step}: {loss} != {expected[step]}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_torchrun_max_restarts_recovers_a_crashed_worker(tmp_path, tmp_path_factory):
     expected = straight_losses("dp2", tmp_path_factory)
     env = {**os.environ, "MESHWEAVE_FAULT": "crash:rank=1:step=7", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "-m", "meshweave", "train",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "meshweave", "train",
            *SMALL, f"--set=run_dir={tmp_path}", f"--set=checkpoint.dir={tmp_path / 'ckpt'}",
            "--set=checkpoint.every_steps=3"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)

@@ -8,7 +8,7 @@ root, slurmd refusing to start on a cgroup2-only machine). Every srun/sbatch is 
 import json
 import sys
 
-from meshweave.testing import _free_port
+from meshweave.launch.env import free_port
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (module-scoped fixture)
 
 PY = sys.executable
@@ -68,7 +68,7 @@ def test_srun_bad_layout_is_a_config_error_on_every_task(slurm_cluster, tmp_path
 
 def test_sbatch_srun_torchrun_one_node(slurm_cluster, tmp_path):  # noqa: F811
     """sbatch of a script running `srun torchrun --nproc-per-node 2 --rdzv-backend c10d ...` completes."""
-    port = _free_port()
+    port = free_port()
     script = tmp_path / "job.sh"
     script.write_text(f"""#!/bin/bash
 set -euo pipefail

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from meshweave.attention.masks import CAUSAL, FULL, BlockMask
+from meshweave.attention.masks import CAUSAL, BlockMask
 
 BACKENDS = ("auto", "flash_attn", "cpu_flash", "math")
 

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import torch
 
-from meshweave.attention.masks import Segment
-from meshweave.attention.ring import ring_attention
-from meshweave.attention.ulysses_comm import head_to_seq, seq_to_head
 from meshweave.comm import CommGroup, single_process_group
 
 
@@ -51,10 +48,12 @@ def ulysses_attention(
     document_ids: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """q (B,S_local,H,D), k/v (B,S_local,H_kv,D) in the contiguous layout -> out (B,S_local,H,D)."""
-    k, v = replicate_kv_heads(k, v, group.size)
-    qh, kh, vh = (seq_to_head(t, group).transpose(1, 2) for t in (q, k, v))
-    docs = gather_sequence_ids(document_ids, group)
+    """q (B,S_local,H,D), k/v (B,S_local,H_kv,D) in the contiguous layout -> out (B,S_local,H,D).
+
+    Ulysses is USP with a ring of one rank: after the all-to-all each rank holds whole sequences
+    for its heads, and attends locally (zigzag over a single rank is the contiguous order).
+    """
+    from meshweave.attention.usp import usp_attention  # usp builds on this module's helpers
+
     local = single_process_group(f"{group.name}/local", group.ledger)
-    out = ring_attention(qh, kh, vh, local, [[Segment(0, qh.shape[2])]], causal, scale, docs, backend)
-    return head_to_seq(out.transpose(1, 2), group)
+    return usp_attention(q, k, v, group, local, causal, scale, document_ids, backend)

@@ -10,12 +10,11 @@ import os
 import sys
 import uuid
 
-from meshweave.launch.env import detect, slurm_to_torch_env
+from meshweave.launch.env import detect, free_port, slurm_to_torch_env
 from meshweave.launch.plan import render_plan
 from meshweave.runtime.config import ConfigError, dump_yaml, load_config, to_dict
 from meshweave.runtime.schema import Config
 from meshweave.runtime.validate import check
-from meshweave.testing import _free_port
 
 EXIT_CONFIG = 2
 
@@ -98,7 +97,7 @@ def _train_standalone(cfg: Config, nproc: int) -> int:
     from meshweave.launch.worker import run_worker
 
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"meshweave-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
+                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
                           monitor_interval=0.5, start_method="spawn")
     print(f"meshweave: training on {nproc} local process(es); run dir {cfg.run_dir}", flush=True)
     try:

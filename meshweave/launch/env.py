@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass
 from typing import Mapping
@@ -18,6 +19,13 @@ from typing import Mapping
 class LaunchEnv:
     kind: str  # "torchrun" | "slurm" | "standalone"
     world_size: int | None  # None for standalone: meshweave decides (--nproc / train.nproc)
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that is free right now (for local rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def detect(env: Mapping[str, str] = os.environ) -> LaunchEnv:
