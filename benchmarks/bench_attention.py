@@ -42,7 +42,7 @@ if str(REPO) not in sys.path:
 
 from meshweave.attention import build_attention_op, shard_sequence, usp_rank_groups  # noqa: E402
 from meshweave.attention.layout import shard_indices  # noqa: E402
-from meshweave.comm import CommGroup, CommLedger  # noqa: E402
+from meshweave.core.comm import CommGroup, CommLedger  # noqa: E402
 from meshweave.models.attention_api import AttentionMeta, local_attention  # noqa: E402
 from meshweave.testing import close_all_pools, run_distributed  # noqa: E402
 

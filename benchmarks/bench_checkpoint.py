@@ -46,7 +46,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from meshweave.checkpoint import Checkpointer, CheckpointSettings, ModelState, OptimizerState  # noqa: E402
-from meshweave.models.llama import ModelConfig, Transformer  # noqa: E402
+from meshweave.models.llama.config import LlamaConfig
+from meshweave.models.llama.model import Transformer  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 KEEP = 2
@@ -55,7 +56,7 @@ KEEP = 2
 class Loop:
     """One model + optimizer trained with one checkpointing method; records step times and stalls."""
 
-    def __init__(self, name: str, cfg: ModelConfig, batch: int, seq: int, root: Path) -> None:
+    def __init__(self, name: str, cfg: LlamaConfig, batch: int, seq: int, root: Path) -> None:
         torch.manual_seed(0)
         self.name, self.cfg, self.batch, self.seq = name, cfg, batch, seq
         self.model = Transformer(cfg)
@@ -153,7 +154,7 @@ def _init_single_process_group() -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
 
 
-def measure(cfg: ModelConfig, batch: int, seq: int, rounds: int, steps: int, root: Path) -> list[dict]:
+def measure(cfg: LlamaConfig, batch: int, seq: int, rounds: int, steps: int, root: Path) -> list[dict]:
     loops = [Loop(name, cfg, batch, seq, root) for name in METHODS]
     for loop in loops:
         loop.run_block(2, record=False)  # warm-up: allocation of host buffers, first-save costs
@@ -231,13 +232,13 @@ def main() -> None:
                              "grows with bytes, the lazy stall with the number of tensors); writes checkpoint_large.*")
     args = parser.parse_args()
     if args.large_state:
-        cfg, batch, seq, rounds, steps = ModelConfig(vocab_size=16384, dim=256, n_layers=4, n_heads=8, n_kv_heads=4,
+        cfg, batch, seq, rounds, steps = LlamaConfig(vocab_size=16384, dim=256, n_layers=4, n_heads=8, n_kv_heads=4,
                                                      ffn_hidden=688), 8, 256, 3, 4
     elif args.quick:
-        cfg, batch, seq, rounds, steps = ModelConfig(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+        cfg, batch, seq, rounds, steps = LlamaConfig(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
                                                      ffn_hidden=344), 8, 512, 3, 4
     else:
-        cfg, batch, seq, rounds, steps = ModelConfig(vocab_size=2048, dim=256, n_layers=4, n_heads=8, n_kv_heads=4,
+        cfg, batch, seq, rounds, steps = LlamaConfig(vocab_size=2048, dim=256, n_layers=4, n_heads=8, n_kv_heads=4,
                                                      ffn_hidden=688), 8, 256, 5, 6
     torch.set_num_threads(args.threads)
     _init_single_process_group()

@@ -28,11 +28,12 @@ from pathlib import Path
 import torch
 
 from meshweave.launch.plan import bubble_fraction
-from meshweave.parallel.pipeline import split_layers
+from meshweave.models.registry import model_spec
+from meshweave.parallel.pipeline_split import split_layers
 from meshweave.parallel.pipeline_comm import pipeline_p2p_bytes
 from meshweave.parallel.tensor_parallel_comm import tensor_parallel_bytes
-from meshweave.runtime.build import build_trainer
-from meshweave.runtime.config import load_config
+from meshweave.train.build import build_trainer
+from meshweave.train.config import load_config
 from meshweave.testing import close_all_pools, run_distributed
 
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved1f1b", 2), ("loopedbfs", 2), ("interleavedzerobubble", 2),
@@ -44,7 +45,7 @@ def _config(overrides: list[str], run_dir: str, quick: bool):
     model = ["model.dim=128", "model.n_layers=4"] if quick else ["model.dim=256", "model.n_layers=8"]
     return load_config(None, [*model, "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=512",
                               "train.seq_len=128", "train.global_batch=8", "train.steps=100", f"run_dir={run_dir}",
-                              "logging.jsonl=false", "data.max_bytes=400000", *overrides])
+                              "logging.jsonl=false", "logging.comm_accounting=true", "data.max_bytes=400000", *overrides])
 
 
 def _time_stage_compute(stages: list, busy: list[float]) -> None:
@@ -75,8 +76,8 @@ def measure_bubble(overrides: list[str], steps: int, quick: bool) -> dict:
         trainer.train_step()  # first step: torch's shape inference
         fractions, step_times = [], []
         for _ in range(steps):
-            batch = p.dataset.batch(p.sampler.next_local_rows())
-            targets = batch.num_targets()
+            batch = p.dataset.batch(p.sampler.next_local_rows()).to(p.device)
+            targets = trainer.global_target_count(batch)
             torch.distributed.barrier()
             busy[0] = 0.0
             start = time.perf_counter()
@@ -102,7 +103,7 @@ def measure_volume(overrides: list[str], quick: bool) -> dict:
         out = {"ledger": trainer.p.mesh.ledger.snapshot(), "stage_ids": [s.stage_index for s in stages] or [0],
                "n_stages": stages[0].num_stages if stages else 1, "dim": cfg.model.dim,
                "tokens": cfg.train.global_batch * cfg.train.seq_len, "layers": split_layers(
-                   cfg.model, cfg.train.seq_len, stages[0].num_stages if stages else 1, "even")}
+                   model_spec(cfg.model.kind), cfg.model, cfg.train.seq_len, stages[0].num_stages if stages else 1, "even")}
         trainer.p.mesh.close()
         return out
 

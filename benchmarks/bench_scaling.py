@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from meshweave.models import parameter_count
-from meshweave.runtime.build import build_trainer
-from meshweave.runtime.config import load_config
+from meshweave.models.llama.flops import parameter_count
+from meshweave.train.build import build_trainer
+from meshweave.train.config import load_config
 from meshweave.testing import close_all_pools, run_distributed
 
 LAYOUTS = [

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
-from meshweave.runtime.build import build_trainer
-from meshweave.runtime.config import load_config
+from meshweave.train.build import build_trainer
+from meshweave.train.config import load_config
 
 SMALL_TEST_CONFIG = [
     "model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=96",
@@ -32,11 +32,10 @@ def train_and_collect(overrides: list[str], steps: int = 3) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config(None, SMALL_TEST_CONFIG + [f"train.steps={steps + 1}", f"run_dir={run_dir}", *overrides])
         trainer = build_trainer(cfg)
-        losses = [trainer.train_step().loss for _ in range(steps)]
+        losses = [float(trainer.train_step().loss) for _ in range(steps)]
         p = trainer.p
-        batch = p.dataset.batch(p.sampler.next_local_rows())
-        global_targets = int(p.mesh.group("dp").all_reduce(torch.tensor(float(batch.num_targets()), dtype=torch.float64)))
-        p.runner.forward_backward(batch, global_targets)
+        batch = p.dataset.batch(p.sampler.next_local_rows()).to(p.device)
+        p.runner.forward_backward(batch, trainer.global_target_count(batch))
         named = [(n, prm) for part in p.model_parts for n, prm in part.named_parameters()]
         grads = {n: _full(prm.grad) for n, prm in named if prm.grad is not None}
         params = {n: _full(prm) for n, prm in named}

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from meshweave.attention import build_attention_op, usp_rank_groups
-from meshweave.comm import CommGroup, CommLedger, single_process_group
+from meshweave.core.comm import CommGroup, CommLedger, single_process_group
 
 B, H, D = 2, 4, 8
 

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 
 from meshweave.checkpoint import Checkpointer, CheckpointSettings, ModelState, OptimizerState
 from meshweave.checkpoint.state import flatten
-from meshweave.models.llama import ModelConfig, Transformer
+from meshweave.models.llama.config import LlamaConfig
+from meshweave.models.llama.model import Transformer
 
-TINY = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48)
+TINY = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48)
 GLOBAL_BATCH, SEQ = 4, 9
 
 

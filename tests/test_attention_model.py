@@ -13,11 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from meshweave.models import ModelConfig, Transformer
+from meshweave.models.attention_api import install_ops
+from meshweave.models.llama.config import LlamaConfig
+from meshweave.models.llama.model import Transformer
 from meshweave.testing import run_distributed
 from tests.attention_helpers import Case, Groups, make_documents
 
-SMALL = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48)
+SMALL = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48)
 STEPS, BATCH, SEQ, LR = 20, 2, 32, 0.01
 
 
@@ -41,7 +43,7 @@ def train_losses(method: str, ulysses: int | None = None) -> list[float]:
     torch.manual_seed(0)
     model = Transformer(SMALL)
     if method != "local":
-        model.set_attention_op(op)
+        install_ops(model, {"softmax": op})
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     losses = []
     for step in range(STEPS):

@@ -16,7 +16,7 @@ from meshweave.checkpoint import (
 )
 from meshweave.checkpoint import layout
 from meshweave.checkpoint.codec import dumps, loads
-from meshweave.models.llama import Transformer
+from meshweave.models.llama.model import Transformer
 from tests.checkpoint_support import (  # noqa: F401 - one_intra_op_thread is an autouse fixture
     TINY, TinyRun, assert_same_state, full_state, one_intra_op_thread, settings,
 )
@@ -283,13 +283,13 @@ def test_ckpt_list_and_verify_report_state_and_exit_codes(tmp_path, capsys):
 
 def test_loading_into_a_different_model_is_a_clear_error(tmp_path):
     from meshweave.checkpoint import CheckpointLoadError
-    from meshweave.models.llama import ModelConfig
+    from meshweave.models.llama.config import LlamaConfig
 
     run = TinyRun()
     ckpt = Checkpointer(settings(str(tmp_path), every_steps=1), None, 0, 1)
     run.step(ckpt)
     ckpt.close()
-    other = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=48))
+    other = Transformer(LlamaConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=48))
     app = {"model": ModelState([other])}
     with pytest.raises(CheckpointLoadError, match="does not fit"):
         Checkpointer(settings(str(tmp_path)), None, 0, 1).load_latest(app)

@@ -176,7 +176,7 @@ def _fsdp_stages_one_optimizer(directory: str) -> bool:
     from torch.distributed.fsdp import fully_shard
 
     from meshweave.checkpoint import ModelState, OptimizerState
-    from meshweave.models.llama import Transformer
+    from meshweave.models.llama.model import Transformer
     from tests.checkpoint_support import TINY
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))

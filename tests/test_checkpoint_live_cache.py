@@ -4,9 +4,10 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
 from meshweave.checkpoint import ModelState, OptimizerState
-from meshweave.models.llama import ModelConfig, Transformer
+from meshweave.models.llama.config import LlamaConfig
+from meshweave.models.llama.model import Transformer
 
-CFG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48)
+CFG = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48)
 
 
 def _train_step(model, opt, scheduler=None):

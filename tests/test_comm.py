@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from meshweave.comm import CommGroup, CommLedger, P2P, single_process_group
+from meshweave.core.comm import CommGroup, CommLedger, P2P, single_process_group
 from meshweave.testing import DistributedTestError, run_distributed
 
 

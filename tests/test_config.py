@@ -6,9 +6,9 @@ import textwrap
 
 import pytest
 
-from meshweave.runtime.config import ConfigError, load_config
-from meshweave.runtime.schema import Config
-from meshweave.runtime.validate import check, validate
+from meshweave.train.config import ConfigError, load_config
+from meshweave.core.schema import Config
+from meshweave.train.validate import check, validate
 
 # (overrides, world size, expected fragment of the one-line message)
 BAD_CONFIGS = [
@@ -16,7 +16,6 @@ BAD_CONFIGS = [
     (["parallel.tp=3"], 8, "tp*pp*sp = 3*1*1 = 3 does not divide WORLD_SIZE 8"),
     (["parallel.tp=0"], 2, "parallel.tp: 0 must be >= 1"),
     (["parallel.dp=0"], 2, "parallel.dp: 0 must be >= 1, or -1"),
-    (["parallel.dp_mode=zero3"], 2, "parallel.dp_mode: 'zero3' is not one of fsdp, ddp"),
     (["parallel.tp=4", "model.n_heads=6", "model.n_kv_heads=3", "model.dim=384"], 4, "model.n_heads 6 is not divisible by tp 4"),
     (["parallel.tp=4", "model.n_kv_heads=2"], 4, "model.n_kv_heads 2 is not divisible by tp 4"),
     (["model.dim=250"], 2, "dim 250 is not divisible by n_heads 8"),
@@ -25,15 +24,12 @@ BAD_CONFIGS = [
     (["parallel.pp=2", "model.n_layers=3", "parallel.microbatches=2"], 2, "3 layers do not split evenly into pp*virtual_stages = 2"),
     (["parallel.pp=2", "parallel.pp_schedule=1f1b", "parallel.microbatches=1"], 2, "1f1b needs microbatches >= pp"),
     (["parallel.pp=2", "parallel.pp_schedule=pipedream"], 2, "parallel.pp_schedule: 'pipedream' is not available; choose one of"),
-    (["parallel.sp=2", "parallel.sp_method=striped"], 2, "parallel.sp_method: 'striped' is not one of"),
     (["parallel.sp=2", "train.seq_len=250"], 2, "train.seq_len"),
     (["train.global_batch=3"], 2, "train.global_batch: 3 is not divisible by the data-parallel degree 2"),
     (["train.grad_accum=3"], 2, "train.grad_accum: the per-rank batch 4"),
     (["train.steps=0"], 2, "train.steps: 0 must be >= 1"),
     (["train.lr=-1"], 2, "train.lr: -1.0 must be > 0"),
     (["train.warmup_steps=100", "train.steps=10"], 2, "train.warmup_steps: 100 must be between 0 and train.steps (10)"),
-    (["train.dtype=fp8"], 2, "train.dtype: 'fp8' is not one of auto, float32, bfloat16"),
-    (["data.source=web"], 2, "data.source: 'web' is not one of builtin, path, synthetic"),
     (["data.source=path", "data.path=/no/such/corpus"], 2, "data.path: '/no/such/corpus' does not exist"),
     (["run_dir=/etc/hostname/run"], 2, "run_dir: '/etc/hostname/run' is not writable"),
     (["logging.every_steps=0"], 2, "logging.every_steps: 0 must be >= 1"),
@@ -48,6 +44,11 @@ BAD_READS = [
     (["checkpoint.levels=local"], "checkpoint.levels: expected a list"),
     (["version=2"], "version: 2 is not supported"),
     (["train.steps"], "expected KEY=VALUE"),
+    # enum-like fields are Literal-typed and checked while reading
+    (["parallel.dp_mode=zero3"], "parallel.dp_mode: 'zero3' is not one of fsdp, ddp"),
+    (["parallel.sp=2", "parallel.sp_method=striped"], "parallel.sp_method: 'striped' is not one of"),
+    (["train.dtype=fp8"], "train.dtype: 'fp8' is not one of auto, float32, bfloat16"),
+    (["data.source=web"], "data.source: 'web' is not one of builtin, path, synthetic"),
 ]
 
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from meshweave.runtime.data import (IGNORE_INDEX, DistributedSampler, PackedDataset, SamplerStateError,
+from meshweave.data.text import (IGNORE_INDEX, DistributedSampler, PackedDataset, SamplerStateError,
                                     build_dataset, encode_documents, synthetic_documents)
-from meshweave.runtime.tokenizer import ByteTokenizer
+from meshweave.data.tokenizer import ByteTokenizer
 
 
 def test_tokenizer_round_trip():

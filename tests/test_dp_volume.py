@@ -12,17 +12,17 @@ import math
 
 import pytest
 
-from meshweave.models import Transformer
+from meshweave.models.llama.model import Transformer
 from meshweave.testing import run_distributed
 from meshweave.testing_equivalence import SMALL_TEST_CONFIG
-from meshweave.runtime.build import build_trainer
-from meshweave.runtime.config import load_config
+from meshweave.train.build import build_trainer
+from meshweave.train.config import load_config
 
 
 def _one_step_ledger(overrides):
     import tempfile
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = load_config(None, SMALL_TEST_CONFIG + ["train.steps=1", f"run_dir={run_dir}", *overrides])
+        cfg = load_config(None, SMALL_TEST_CONFIG + ["train.steps=1", "logging.comm_accounting=true", f"run_dir={run_dir}", *overrides])
         trainer = build_trainer(cfg)
         trainer.p.mesh.ledger.reset()
         trainer.train_step()

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from meshweave.runtime.config import load_config
-from meshweave.runtime.validate import validate
+from meshweave.train.config import load_config
+from meshweave.train.validate import validate
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

@@ -3,7 +3,7 @@
 import torch
 import torch.distributed as dist
 
-from meshweave.runtime.mesh import ParallelDims, build_mesh
+from meshweave.core.mesh import ParallelDims, build_mesh
 from meshweave.testing import run_distributed
 
 

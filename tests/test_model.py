@@ -3,9 +3,12 @@
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from meshweave.models import AttentionMeta, ModelConfig, Transformer, flops_per_token, local_attention, parameter_count
+from meshweave.models.attention_api import AttentionMeta, local_attention
+from meshweave.models.llama.config import LlamaConfig
+from meshweave.models.llama.flops import flops_per_token, parameter_count
+from meshweave.models.llama.model import Transformer
 
-SMALL = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48)
+SMALL = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48)
 
 
 def test_parameter_count_matches_built_model():

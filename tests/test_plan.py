@@ -4,9 +4,9 @@ import subprocess
 import sys
 
 from meshweave.launch.plan import bubble_fraction, render_plan
-from meshweave.runtime.build import parallel_dims
-from meshweave.runtime.config import load_config
-from meshweave.runtime.mesh import ParallelDims
+from meshweave.train.build import parallel_dims
+from meshweave.train.config import load_config
+from meshweave.core.mesh import ParallelDims
 
 
 def test_rank_layout_groups_partition_the_world():

@@ -19,8 +19,8 @@ from meshweave.launch.env import free_port
 import torch
 from torch.distributed.tensor import DTensor
 
-from meshweave.runtime.build import build_trainer
-from meshweave.runtime.config import load_config
+from meshweave.train.build import build_trainer
+from meshweave.train.config import load_config
 from meshweave.testing import run_distributed
 from meshweave.testing_equivalence import SMALL_TEST_CONFIG
 

@@ -129,8 +129,8 @@ BAD_LAYOUTS = [
 
 @pytest.mark.parametrize("overrides,world,message", BAD_LAYOUTS)
 def test_bad_layout_is_one_line_error(overrides, world, message):
-    from meshweave.runtime.config import load_config
-    from meshweave.runtime.validate import validate
+    from meshweave.train.config import load_config
+    from meshweave.train.validate import validate
 
     problems = validate(load_config(None, overrides), world)
     assert len(problems) == 1 and "\n" not in problems[0]

@@ -5,13 +5,14 @@ import tempfile
 
 import pytest
 
-from meshweave.models.llama import ModelConfig
-from meshweave.parallel.pipeline import split_by_cost, split_even, split_layers
+from meshweave.models.llama.config import LlamaConfig
+from meshweave.models.registry import model_spec
+from meshweave.parallel.pipeline_split import split_by_cost, split_even, split_layers
 from meshweave.parallel.pipeline_comm import pipeline_p2p_bytes
 from meshweave.parallel.schedules import stage_ids_of_rank
 from meshweave.parallel.tensor_parallel_comm import tensor_parallel_bytes
-from meshweave.runtime.build import build_trainer
-from meshweave.runtime.config import load_config
+from meshweave.train.build import build_trainer
+from meshweave.train.config import load_config
 from meshweave.testing import run_distributed
 from meshweave.testing_equivalence import SMALL_TEST_CONFIG
 
@@ -19,7 +20,7 @@ from meshweave.testing_equivalence import SMALL_TEST_CONFIG
 def measure_one_step(overrides: list[str]) -> dict:
     """Ledger of the second training step (the first also exchanges pipeline shape metadata)."""
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = load_config(None, SMALL_TEST_CONFIG + ["train.steps=3", f"run_dir={run_dir}", *overrides])
+        cfg = load_config(None, SMALL_TEST_CONFIG + ["train.steps=3", "logging.comm_accounting=true", f"run_dir={run_dir}", *overrides])
         trainer = build_trainer(cfg)
         trainer.train_step()
         trainer.p.mesh.ledger.reset()
@@ -61,8 +62,8 @@ def test_measured_bytes_equal_analytic(overrides, world, tp, dp):
 
 
 def test_cost_split_balances_embedding_and_head():
-    cfg = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=320)
-    assert split_layers(cfg, 32, 2, "cost") == [[0, 1], [2]]  # the head makes the last stage heavier
+    cfg = LlamaConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=320)
+    assert split_layers(model_spec("llama"), cfg, 32, 2, "cost") == [[0, 1], [2]]  # the head makes the last stage heavier
     assert split_by_cost([1.0] * 6, 3) == [[0, 1], [2, 3], [4, 5]]
     assert split_by_cost([1.0] * 7, 3, last_extra=2.0) == [[0, 1, 2], [3, 4, 5], [6]]  # the unique optimum
     assert split_even(8, 4) == [[0, 1], [2, 3], [4, 5], [6, 7]]

@@ -12,7 +12,7 @@ Installing a method (every rank of the SP group runs this, groups created in the
     op = build_attention_op("ring", sp_group)                   # or "ulysses", "tokenring"
     # usp: uly_lists, ring_lists = usp_rank_groups(sp_global_ranks, ulysses_degree); new_group each
     #      list in that order; op = build_attention_op("usp", ulysses_group=uly, ring_group=ring)
-    model.set_attention_op(op)
+    install_ops(model, {"softmax": op})                          # models.attention_api
     tokens, positions, labels, doc_ids = (op.shard(t) for t in (tokens, positions, labels, doc_ids))
     loss = cross_entropy(model(tokens, positions, doc_ids), labels, reduction="sum")
     # then sum gradients over the SP group (dp x sp for data parallelism) as usual.
@@ -20,12 +20,23 @@ Installing a method (every rank of the SP group runs this, groups created in the
 Errors for an impossible layout come from `validate_sp` (also raised as ValueError by the op).
 """
 
-from meshweave.attention.layout import METHODS, shard_indices, shard_segments, shard_sequence, unshard_sequence
-from meshweave.attention.local import block_backward, block_forward
-from meshweave.attention.merge import merge_partials
-from meshweave.attention.op import SequenceParallelAttention, build_attention_op
-from meshweave.attention.usp import usp_rank_groups
-from meshweave.attention.validate import validate_sp
+import importlib
+from typing import Any
+
+# name -> submodule. Resolved on first access (PEP 562) so that `meshweave.attention.validate`, which
+# config validation uses, can be imported without loading torch.
+_EXPORTS = {
+    "METHODS": "layout", "shard_indices": "layout", "shard_segments": "layout", "shard_sequence": "layout",
+    "unshard_sequence": "layout", "block_backward": "local", "block_forward": "local", "merge_partials": "merge",
+    "SequenceParallelAttention": "op", "build_attention_op": "op", "usp_rank_groups": "usp", "validate_sp": "validate",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'meshweave.attention' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"meshweave.attention.{_EXPORTS[name]}"), name)
+
 
 __all__ = [
     "METHODS",

@@ -19,8 +19,9 @@ from collections.abc import Sequence
 import torch
 
 from meshweave.attention.masks import Segment
+from meshweave.core.schema import SP_METHODS
 
-METHODS = ("local", "ulysses", "ring", "tokenring", "usp")
+METHODS = ("local", *SP_METHODS)  # "local": one rank, no communication
 _LAYOUT = {"local": "contiguous", "ulysses": "contiguous", "ring": "zigzag", "tokenring": "zigzag", "usp": "usp"}
 
 

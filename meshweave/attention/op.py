@@ -20,7 +20,7 @@ from meshweave.attention.tokenring import tokenring_attention
 from meshweave.attention.ulysses import ulysses_attention
 from meshweave.attention.usp import usp_attention
 from meshweave.attention.validate import validate_sp
-from meshweave.comm import CommGroup, single_process_group
+from meshweave.core.comm import CommGroup, single_process_group
 from meshweave.models.attention_api import AttentionMeta
 
 
@@ -78,16 +78,16 @@ class SequenceParallelAttention:
         if errors:
             raise ValueError("; ".join(errors))
         scale = self.scale if self.scale is not None else default_scale(q.shape[-1])
-        docs, causal = meta.document_ids, meta.causal
+        docs, causal, cache = meta.document_ids, meta.causal, meta.cache
         if self.method == "ulysses":
-            return ulysses_attention(q, k, v, self.group, causal, scale, docs, self.backend)
+            return ulysses_attention(q, k, v, self.group, causal, scale, docs, self.backend, cache)
         if self.method == "usp":
-            return usp_attention(q, k, v, self.ulysses_group, self.ring_group, causal, scale, docs, self.backend)
+            return usp_attention(q, k, v, self.ulysses_group, self.ring_group, causal, scale, docs, self.backend, cache)
         p, seq_len = self.group.size, q.shape[1] * self.group.size
         segments = [shard_segments(self.method, seq_len, p, r) for r in range(p)]
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         fn = tokenring_attention if self.method == "tokenring" else ring_attention
-        return fn(qt, kt, vt, self.group, segments, causal, scale, docs, self.backend).transpose(1, 2)
+        return fn(qt, kt, vt, self.group, segments, causal, scale, docs, self.backend, cache).transpose(1, 2)
 
 
 def build_attention_op(method: str, group: CommGroup | None = None, **options: Any) -> SequenceParallelAttention:
@@ -95,7 +95,7 @@ def build_attention_op(method: str, group: CommGroup | None = None, **options: A
 
     local/ulysses/ring/tokenring take the SP `group`; usp takes `ulysses_group` (inner) and
     `ring_group` (outer) as returned, by rank list, from `usp_rank_groups`. Install it with
-    `Transformer.set_attention_op(op)` and shard inputs with `op.shard(x)`. `options`: ulysses_group,
+    `models.attention_api.install_ops(model, {"softmax": op})` and shard inputs with `op.shard(x)`. `options`: ulysses_group,
     ring_group, scale, backend, as for `SequenceParallelAttention`.
     """
     return SequenceParallelAttention(method, group, **options)

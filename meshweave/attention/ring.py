@@ -18,7 +18,8 @@ KV = 2 * B * H_kv * S_local * D):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 
@@ -26,9 +27,37 @@ from meshweave.attention.local import accum_dtype, block_backward, block_forward
 from meshweave.attention.masks import BlockCall, Segment, plan_block
 from meshweave.attention.merge import PartialAccumulator
 from meshweave.attention.ring_comm import gather_shards, next_rank, prev_rank, start_exchange
-from meshweave.comm import CommGroup
+from meshweave.core.comm import CommGroup
 
 Plan = list[BlockCall]
+T = TypeVar("T")
+
+
+def cached(cache: dict[Any, Any] | None, key: tuple, compute: Callable[[], T]) -> T:
+    """compute() once per batch: the result is kept in the batch's attention cache (AttentionMeta.cache),
+    so the document-id exchange and the mask plans (host work) are done by the first layer only."""
+    if cache is None:
+        return compute()
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
+
+
+def ring_plans(kind: str, group: CommGroup, segments: Sequence[Sequence[Segment]], causal: bool,
+               document_ids: torch.Tensor | None, cache: dict[Any, Any] | None) -> list[Plan]:
+    """Per-step plans of a ring-style method ("ring": K/V travel; "tokenring": Q travels), once per batch.
+
+    Communicates: one all_gather of document ids over `group` (when given), on the first call of a batch.
+    """
+    def compute() -> list[Plan]:
+        docs = gather_shards(document_ids, group) if document_ids is not None else None
+        r, p = group.rank, group.size
+        if kind == "ring":
+            return step_plans(group, lambda s: r, lambda s: (r - s) % p, segments, causal, docs)
+        return step_plans(group, lambda s: (r - s) % p, lambda s: r, segments, causal, docs)
+
+    key = (kind, group.name, tuple(group.ranks), tuple(map(tuple, segments)), causal)
+    return cached(cache, key, compute)
 
 
 def step_plans(
@@ -148,14 +177,14 @@ def ring_attention(
     scale: float,
     document_ids: torch.Tensor | None = None,
     backend: str = "auto",
+    cache: dict[Any, Any] | None = None,
 ) -> torch.Tensor:
     """Ring attention of this rank's q (B,H,S,D) over every rank's k, v (B,H_kv,S,D); returns out (B,H,S,D).
 
     segments[i]: the global position runs held by group rank i (e.g. its zigzag pair).
-    document_ids: (B, S) ids of this rank's tokens, or None. Communicates: see the module docstring
-    (one all_gather of document ids when given; none at all when the group has size 1).
+    document_ids: (B, S) ids of this rank's tokens, or None. cache: the batch's attention cache, in which
+    the gathered ids and plans are kept for the next layers. Communicates: see the module docstring
+    (one all_gather of document ids per batch when given; none at all when the group has size 1).
     """
-    docs = gather_shards(document_ids, group) if document_ids is not None else None
-    r, p = group.rank, group.size
-    plans = step_plans(group, lambda s: r, lambda s: (r - s) % p, segments, causal, docs)
+    plans = ring_plans("ring", group, segments, causal, document_ids, cache)
     return _RingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), group, plans, scale, backend)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from meshweave.comm import P2P, CommGroup
+from meshweave.core.comm import P2P, CommGroup
 
 
 def next_rank(group: CommGroup, hops: int = 1) -> int:

@@ -23,15 +23,16 @@ Communication per call (Qe = B*H*S_local*D elements; e = input, a = accumulation
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from meshweave.attention.local import accum_dtype
 from meshweave.attention.masks import Segment
 from meshweave.attention.merge import PartialAccumulator
-from meshweave.attention.ring import Plan, attend_block, attend_block_backward, blockwise_autograd, step_plans
-from meshweave.attention.ring_comm import gather_shards, next_rank, prev_rank, start_exchange
-from meshweave.comm import CommGroup
+from meshweave.attention.ring import Plan, attend_block, attend_block_backward, blockwise_autograd, ring_plans
+from meshweave.attention.ring_comm import next_rank, prev_rank, start_exchange
+from meshweave.core.comm import CommGroup
 
 _ALL = slice(None)
 
@@ -128,12 +129,11 @@ def tokenring_attention(
     scale: float,
     document_ids: torch.Tensor | None = None,
     backend: str = "auto",
+    cache: dict[Any, Any] | None = None,
 ) -> torch.Tensor:
     """TokenRing attention of this rank's q (B,H,S,D) over every rank's k, v; returns out (B,H,S,D).
 
     Same contract as `ring_attention`; communicates as in the module docstring.
     """
-    docs = gather_shards(document_ids, group) if document_ids is not None else None
-    r, p = group.rank, group.size
-    plans = step_plans(group, lambda s: (r - s) % p, lambda s: r, segments, causal, docs)
+    plans = ring_plans("tokenring", group, segments, causal, document_ids, cache)
     return _TokenRingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), group, plans, scale, backend)

@@ -14,9 +14,11 @@ plus 1 all_gather of document ids when they are given.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from meshweave.comm import CommGroup, single_process_group
+from meshweave.core.comm import CommGroup, single_process_group
 
 
 def replicate_kv_heads(k: torch.Tensor, v: torch.Tensor, degree: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,6 +49,7 @@ def ulysses_attention(
     scale: float,
     document_ids: torch.Tensor | None = None,
     backend: str = "auto",
+    cache: dict[Any, Any] | None = None,
 ) -> torch.Tensor:
     """q (B,S_local,H,D), k/v (B,S_local,H_kv,D) in the contiguous layout -> out (B,S_local,H,D).
 
@@ -56,4 +59,4 @@ def ulysses_attention(
     from meshweave.attention.usp import usp_attention  # usp builds on this module's helpers
 
     local = single_process_group(f"{group.name}/local", group.ledger)
-    return usp_attention(q, k, v, group, local, causal, scale, document_ids, backend)
+    return usp_attention(q, k, v, group, local, causal, scale, document_ids, backend, cache)

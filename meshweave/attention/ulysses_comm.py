@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from meshweave.comm import CommGroup
+from meshweave.core.comm import CommGroup
 
 
 def _seq_to_head(x: torch.Tensor, group: CommGroup) -> torch.Tensor:

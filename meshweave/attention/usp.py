@@ -14,14 +14,15 @@ ids: one all_gather on each group.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from meshweave.attention.layout import zigzag_segments
-from meshweave.attention.ring import ring_attention
+from meshweave.attention.ring import cached, ring_attention
 from meshweave.attention.ulysses import gather_sequence_ids, replicate_kv_heads
 from meshweave.attention.ulysses_comm import head_to_seq, seq_to_head
-from meshweave.comm import CommGroup
+from meshweave.core.comm import CommGroup
 
 
 def usp_rank_groups(sp_ranks: Sequence[int], ulysses_degree: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -49,12 +50,16 @@ def usp_attention(
     scale: float,
     document_ids: torch.Tensor | None = None,
     backend: str = "auto",
+    cache: dict[Any, Any] | None = None,
 ) -> torch.Tensor:
-    """q (B,S_local,H,D), k/v (B,S_local,H_kv,D) in the usp layout -> out (B,S_local,H,D)."""
+    """q (B,S_local,H,D), k/v (B,S_local,H_kv,D) in the usp layout -> out (B,S_local,H,D).
+
+    cache: the batch's attention cache (document ids are exchanged and plans made once per batch)."""
     k, v = replicate_kv_heads(k, v, ulysses_group.size)
     qh, kh, vh = (seq_to_head(t, ulysses_group).transpose(1, 2) for t in (q, k, v))
-    docs = gather_sequence_ids(document_ids, ulysses_group)
+    docs = cached(cache, ("usp_docs", ulysses_group.name, tuple(ulysses_group.ranks)),
+                  lambda: gather_sequence_ids(document_ids, ulysses_group))
     ring_len = qh.shape[2] * ring_group.size
     segments = [zigzag_segments(ring_len, ring_group.size, i) for i in range(ring_group.size)]
-    out = ring_attention(qh, kh, vh, ring_group, segments, causal, scale, docs, backend)
+    out = ring_attention(qh, kh, vh, ring_group, segments, causal, scale, docs, backend, cache)
     return head_to_seq(out.transpose(1, 2), ulysses_group)

@@ -6,14 +6,17 @@ actual shapes. Pure arithmetic: no communication.
 
 from __future__ import annotations
 
-from meshweave.attention.layout import METHODS
+from meshweave.core.schema import SP_METHODS
+
+METHODS = ("local", *SP_METHODS)  # as in layout.py, which imports torch: this module must not
 
 
 def _heads_ok(n_heads: int, n_kv_heads: int, degree: int) -> bool:
     return n_heads % degree == 0 and (n_kv_heads % degree == 0 or degree % n_kv_heads == 0)
 
 
-def _max_ulysses(n_heads: int, n_kv_heads: int, sp: int) -> int:
+def max_ulysses_degree(n_heads: int, n_kv_heads: int, sp: int) -> int:
+    """The largest Ulysses degree dividing sp that the (query, kv) head counts allow."""
     return max(d for d in range(1, sp + 1) if sp % d == 0 and _heads_ok(n_heads, n_kv_heads, d))
 
 
@@ -34,12 +37,12 @@ def validate_sp(
         if n_heads % sp:
             errors.append(
                 f"parallel.sp: ulysses needs model.n_heads ({n_heads}) divisible by sp ({sp}); "
-                f"use sp_method: ring, or usp with ulysses <= {_max_ulysses(n_heads, n_kv_heads, sp)}"
+                f"use sp_method: ring, or usp with ulysses <= {max_ulysses_degree(n_heads, n_kv_heads, sp)}"
             )
         elif n_kv_heads % sp and sp % n_kv_heads:
             errors.append(
                 f"parallel.sp: ulysses needs model.n_kv_heads ({n_kv_heads}) divisible by sp ({sp}) or dividing it; "
-                f"use sp_method: ring, or usp with ulysses <= {_max_ulysses(n_heads, n_kv_heads, sp)}"
+                f"use sp_method: ring, or usp with ulysses <= {max_ulysses_degree(n_heads, n_kv_heads, sp)}"
             )
         if seq_len % sp:
             errors.append(f"train.seq_len: ulysses needs seq_len ({seq_len}) divisible by sp ({sp}); pad it to a multiple of {sp}")
@@ -55,6 +58,6 @@ def validate_sp(
             errors.append(
                 f"parallel.usp.ulysses: needs model.n_heads ({n_heads}) divisible by it ({usp_ulysses}) and "
                 f"model.n_kv_heads ({n_kv_heads}) divisible by or dividing it; use usp.ulysses <= "
-                f"{_max_ulysses(n_heads, n_kv_heads, sp)}"
+                f"{max_ulysses_degree(n_heads, n_kv_heads, sp)}"
             )
     return errors

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from meshweave.comm import CommGroup, CommLedger
+from meshweave.core.comm import CommGroup, CommLedger
 
 
 class CheckpointComms:

@@ -1,58 +1,19 @@
-"""`CheckpointSettings`: the YAML `checkpoint:` section, and its validation.
+"""`CheckpointSettings` (the YAML `checkpoint:` section, defined once in core/schema.py) and its validation.
 
-The config layer builds a `CheckpointSettings` from the section with the same field names and calls
-`validate_checkpoint_settings` before any process starts, so a bad value is reported as one line that
-names the field and the fix.
+The config layer calls `validate_checkpoint_settings` before any process starts, so a bad value is
+reported as one line that names the field and the fix.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import get_args, get_type_hints
 
-MODES = ("lazy", "sync")
-LEVELS = ("memory", "local", "persistent")  # also the only valid flush order
+from meshweave.core.schema import CHECKPOINT_LEVELS, CheckpointConfig
 
-
-@dataclass
-class CheckpointSettings:
-    """Where, how often and how checkpoints are written.
-
-    dir: the local checkpoint directory; None turns checkpointing off. Every rank that loads must
-        see the same files (one node, or a path on shared storage): DCP reads other ranks' shards
-        when it reshards (node-local disks across several nodes are not supported yet).
-    every_steps: save after every N-th optimizer step; 0 saves only at the final step.
-    mode: "lazy" (copy overlaps the next forward/backward) or "sync" (baseline: save inline).
-    keep: how many committed checkpoints each disk level retains.
-    levels: the flush chain, a subset of memory -> local -> persistent in that order.
-    persistent_dir: the shared/persistent directory (needed when "persistent" is a level).
-    resume: load the newest complete checkpoint at start-up.
-    """
-
-    dir: str | None = None
-    every_steps: int = 0
-    mode: str = "lazy"
-    keep: int = 3
-    levels: list[str] = field(default_factory=lambda: ["local"])
-    persistent_dir: str | None = None
-    resume: bool = True
-
-    @property
-    def enabled(self) -> bool:
-        return self.dir is not None
-
-    def disk_levels(self) -> list[str]:
-        """The levels that live on disk, in flush order."""
-        return [lvl for lvl in self.levels if lvl != "memory"]
-
-    def level_dir(self, level: str) -> str:
-        """The directory of a disk level."""
-        if level == "local":
-            assert self.dir is not None
-            return self.dir
-        if level == "persistent":
-            assert self.persistent_dir is not None
-            return self.persistent_dir
-        raise ValueError(f"level {level!r} has no directory")
+# The YAML `checkpoint:` section is the one definition of the settings; the checkpointer takes it as is.
+CheckpointSettings = CheckpointConfig
+MODES: tuple[str, ...] = get_args(get_type_hints(CheckpointConfig)["mode"])
+LEVELS = CHECKPOINT_LEVELS  # also the only valid flush order
 
 
 def validate_checkpoint_settings(s: CheckpointSettings) -> list[str]:

@@ -1,6 +1,7 @@
 """`meshweave` command line: train, plan, config, ckpt.
 
 Config problems are found before any process starts and reported as one line with exit status 2.
+Nothing imported at module level loads torch, so `plan` and `config` answer in about a second.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ import os
 import sys
 import uuid
 
+from meshweave.core.dims import ParallelDims
+from meshweave.core.schema import Config
 from meshweave.launch.env import detect, free_port, slurm_to_torch_env
-from meshweave.launch.plan import render_plan
-from meshweave.runtime.config import ConfigError, dump_yaml, load_config, to_dict
-from meshweave.runtime.schema import Config
-from meshweave.runtime.validate import check
+from meshweave.launch.plan import picked_defaults, render_plan
+from meshweave.train.config import ConfigError, dump_yaml, load_config, to_dict
+from meshweave.train.validate import check, resolve_defaults
 
 EXIT_CONFIG = 2
 
@@ -26,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"meshweave: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    except BrokenPipeError:  # `meshweave plan ... | head`: the reader left; end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,11 +64,10 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from meshweave.runtime.build import parallel_dims
-
     cfg = load_config(args.config, args.set)
     check(cfg, args.world_size)
-    print(render_plan(cfg, parallel_dims(cfg, args.world_size)))
+    resolved = resolve_defaults(cfg, args.world_size)
+    print(render_plan(resolved, ParallelDims.resolve(resolved.parallel, args.world_size), picked_defaults(cfg, resolved)))
     return 0
 
 
@@ -79,8 +83,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if env.kind == "standalone":
         nproc = args.nproc or cfg.train.nproc
         check(cfg, nproc)
-        return _train_standalone(cfg, nproc)
+        return _train_standalone(resolve_defaults(cfg, nproc), nproc)
     check(cfg, env.world_size)
+    cfg = resolve_defaults(cfg, env.world_size)
     if env.kind == "slurm":
         os.environ.update(slurm_to_torch_env(os.environ))
     from meshweave.launch.worker import run_worker

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from meshweave.models.flops import block_params, embedding_params, flops_per_token, parameter_count
-from meshweave.parallel.pipeline import split_layers
+from meshweave.core.dims import ParallelDims
+from meshweave.core.schema import Config
+from meshweave.models.registry import model_spec
+from meshweave.parallel.pipeline_split import split_layers
 from meshweave.parallel.schedules import is_multi_stage, stage_ids_of_rank, stage_style
-from meshweave.runtime.mesh import ParallelDims
-from meshweave.runtime.schema import Config
 
 GIB = 2**30
 
@@ -23,7 +23,8 @@ def stage_layers(cfg: Config, pp: int) -> dict[int, list[tuple[int, list[int]]]]
     pipeline uses (even or cost-weighted split; loop or V placement of virtual stages)."""
     p = cfg.parallel
     virtual = p.virtual_stages if pp > 1 and is_multi_stage(p.pp_schedule) else 1
-    layers = split_layers(cfg.model, cfg.train.seq_len, pp * virtual, p.pp_split if pp > 1 else "even")
+    spec = model_spec(cfg.model.kind)
+    layers = split_layers(spec, cfg.model, cfg.train.seq_len, pp * virtual, p.pp_split if pp > 1 else "even")
     return {r: [(s, layers[s]) for s in stage_ids_of_rank(r, pp, virtual, stage_style(p.pp_schedule))]
             for r in range(pp)}
 
@@ -57,35 +58,47 @@ def memory_per_rank(cfg: Config, dims: ParallelDims, stage: int) -> MemoryEstima
     """Weights+grads+AdamW (16 B/param fp32, sharded by FSDP over dp*sp) + activations in flight.
     `stage` is the pipeline rank; its chunks' layers come from `stage_layers`."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
+    spec = model_spec(m.kind)
     chunks = stage_layers(cfg, dims.pp)[stage]
     n_stages = dims.pp * len(chunks)
     layers = sum(len(ls) for _, ls in chunks)
-    params = layers * block_params(m)
-    if any(s == 0 for s, _ in chunks):
-        params += embedding_params(m)
-    if any(s == n_stages - 1 for s, _ in chunks):
-        params += m.dim * m.vocab_size + m.dim
-    params //= dims.tp
+    holds_first, holds_last = any(s == 0 for s, _ in chunks), any(s == n_stages - 1 for s, _ in chunks)
+    params = spec.stage_parameters(m, layers, holds_first, holds_last) // dims.tp
     shard = dims.dp * dims.sp if p.dp_mode == "fsdp" else 1
     state = params * 16 / shard
     act_bytes = 2 if t.dtype == "bfloat16" or (t.dtype == "auto" and t.device == "cuda") else 4
     rows = t.global_batch // dims.dp // (p.microbatches if dims.pp > 1 else t.grad_accum)
     tokens = rows * t.seq_len / dims.sp
-    # Per token per layer ~17*dim values kept for backward with flash attention (Korthikanti et al.'s
+    # Per token per layer ~17*width values kept for backward with flash attention (Korthikanti et al.'s
     # 34*d bytes in 16-bit), sharded over tp by sequence-parallel norms; only block inputs kept with AC.
-    per_layer = (2 * m.dim if p.activation_checkpointing else 17 * m.dim) * act_bytes / dims.tp
+    width = spec.hidden_width(m)
+    per_layer = (2 * width if p.activation_checkpointing else 17 * width) * act_bytes / dims.tp
     in_flight = min(dims.pp - stage, p.microbatches) if dims.pp > 1 else 1
-    holds_head = any(s == n_stages - 1 for s, _ in chunks)
-    activations = tokens * per_layer * layers * in_flight + tokens * m.vocab_size / dims.tp * 4 * holds_head
+    activations = tokens * per_layer * layers * in_flight + tokens * spec.output_width(m) / dims.tp * 4 * holds_last
     return MemoryEstimate(params, state, activations)
 
 
-def render_plan(cfg: Config, dims: ParallelDims) -> str:
+def picked_defaults(given: Config, resolved: Config) -> list[str]:
+    """One line per value meshweave chose because the config left it open (shown by `plan`)."""
+    notes = []
+    if given.parallel.microbatches == 0 and resolved.parallel.pp > 1:
+        notes.append(f"parallel.microbatches: {resolved.parallel.microbatches} (the fewest >= pp that divide the "
+                     f"per-rank batch; set it to choose)")
+    if resolved.parallel.sp_method == "usp" and (given.parallel.usp.ulysses == 0 or given.parallel.usp.ring == 0):
+        u = resolved.parallel.usp
+        notes.append(f"parallel.usp: ulysses {u.ulysses} x ring {u.ring} (the largest Ulysses degree the heads "
+                     f"allow; set parallel.usp to choose)")
+    return notes
+
+
+def render_plan(cfg: Config, dims: ParallelDims, picked: list[str] | None = None) -> str:
+    """The plan text for a resolved config; `picked` lists the values meshweave chose (see picked_defaults)."""
     p, m, t = cfg.parallel, cfg.model, cfg.train
+    spec = model_spec(m.kind)
     lines = [f"mesh (pp, dp, sp, tp) = {dims.shape()} over {dims.world_size} ranks; "
              f"data parallel: {p.dp_mode} over dp*sp = {dims.dp * dims.sp} ranks"]
-    lines.append(f"model: {parameter_count(m):,} parameters, {flops_per_token(m, t.seq_len):,.0f} training FLOPs/token "
-                 f"(seq_len {t.seq_len}, causal)")
+    lines.append(f"model: {m.kind}, {spec.parameter_count(m):,} parameters, "
+                 f"{spec.flops_per_token(m, t.seq_len):,.0f} training FLOPs/token (seq_len {t.seq_len}, causal)")
     if dims.sp > 1:
         extra = f" (ulysses {p.usp.ulysses} x ring {p.usp.ring})" if p.sp_method == "usp" else ""
         lines.append(f"sequence parallel: {p.sp_method}{extra}, {t.seq_len // dims.sp} tokens per rank")
@@ -97,6 +110,7 @@ def render_plan(cfg: Config, dims: ParallelDims) -> str:
                      f"{bubble_fraction(p.pp_schedule, dims.pp, p.microbatches, v):.3f}")
         for r, chunks in layers.items():
             lines.append(f"  pp rank {r}: " + ", ".join(f"stage {st} = layers {ls[0]}-{ls[-1]}" for st, ls in chunks))
+    lines += [f"picked: {note}" for note in picked or []]
     lines.append("")
     lines.append(f"{'rank':>5} {'pp':>3} {'dp':>3} {'sp':>3} {'tp':>3}  {'layers':<14} {'dp peers':<16} "
                  f"{'sp peers':<16} {'tp peers':<16} {'mem GiB':>8}")

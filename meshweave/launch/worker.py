@@ -8,9 +8,9 @@ from typing import Any
 
 import torch.distributed as dist
 
-from meshweave.runtime.build import build_trainer
-from meshweave.runtime.config import from_dict
-from meshweave.runtime.mesh import backend_for, device_type_for
+from meshweave.train.build import build_trainer
+from meshweave.train.config import from_dict
+from meshweave.core.mesh import backend_for, device_type_for
 
 
 def run_worker(cfg_dict: dict[str, Any]) -> list[float]:

@@ -1,7 +1,7 @@
-"""Models. They never import parallel/ or attention/: attention is an injected op."""
+"""Model kinds. Each kind is a `ModelSpec` (models/spec.py) bundling its module, config, TP plan, FSDP
+units, pipeline split, FLOPs, loss, batch fields and per-layer attention slots; the rest of meshweave
+looks a kind up in `registry` and never names a model's attributes.
 
-from meshweave.models.attention_api import AttentionMeta, AttentionOp, local_attention
-from meshweave.models.flops import flops_per_token, parameter_count
-from meshweave.models.llama import ModelConfig, Transformer
-
-__all__ = ["AttentionMeta", "AttentionOp", "ModelConfig", "Transformer", "flops_per_token", "local_attention", "parameter_count"]
+Models never import parallel/ or attention/: token mixing goes through `AttentionSlot`s whose op the
+parallel layer replaces. This package's __init__ imports nothing, so config loading needs no torch.
+"""

@@ -15,18 +15,20 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from meshweave.comm import CommLedger
+from meshweave.core.comm import CommLedger
+from meshweave.models.spec import FsdpUnit
 from meshweave.parallel.data_parallel_comm import CountedAllReduceState, count_fsdp_traffic, counted_allreduce_hook
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, reshard_after_forward: bool = True,
-               ledger: CommLedger | None = None, group_name: str = "dp_sp") -> nn.Module:
-    """Shard over `mesh` in units: the embeddings, each transformer block, [final norm + head], the root.
+def apply_fsdp(model: nn.Module, units: list[FsdpUnit], mesh: DeviceMesh, param_dtype: torch.dtype,
+               reshard_after_forward: bool = True, ledger: CommLedger | None = None, group_name: str = "dp_sp") -> nn.Module:
+    """Shard over `mesh` in the spec's units (for Llama: the embeddings, each block, [final norm + head]),
+    then the root.
 
-    Communicates (recorded in `ledger` under `group_name`): an all-gather of a unit's parameters
-    before its forward and again before its backward, except [norm + head], which stays gathered
-    (its backward comes right after its forward); a reduce-scatter of each unit's gradients after
-    its backward (averaged over the mesh). Pieces a pipeline stage does not own (None) are skipped.
+    Communicates (recorded in `ledger` under `group_name` when given): an all-gather of a unit's
+    parameters before its forward and again before its backward, except units kept gathered (the head:
+    its backward comes right after its forward); a reduce-scatter of each unit's gradients after its
+    backward (averaged over the mesh).
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
 
@@ -34,14 +36,11 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, res
         unit = fully_shard(modules, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         return unit[0] if isinstance(unit, list) else unit
 
-    units = [shard(model.tok_embeddings, reshard_after_forward)] if model.tok_embeddings is not None else []
-    units += [shard(block, reshard_after_forward) for block in model.layers.values()]
-    head = [m for m in (model.norm, model.output) if m is not None]
-    if head:
-        units.append(shard(head, False))
-    units.append(shard(model, reshard_after_forward))
+    sharded = [shard(u.modules if len(u.modules) > 1 else u.modules[0], reshard_after_forward and not u.keep_gathered)
+               for u in units]
+    sharded.append(shard(model, reshard_after_forward))
     if ledger is not None:
-        count_fsdp_traffic(units, ledger, group_name)
+        count_fsdp_traffic(sharded, ledger, group_name)
     return model
 
 

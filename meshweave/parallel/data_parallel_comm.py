@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from meshweave.comm import CommLedger
+from meshweave.core.comm import CommLedger
 
 try:  # the interface classes live in a private module; without them FSDP2 traffic is simply not counted
     from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage
 
-from meshweave.comm import CommLedger
+from meshweave.core.comm import CommLedger
 
 
 class CountedPipelineStage(PipelineStage):

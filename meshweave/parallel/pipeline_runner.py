@@ -1,71 +1,66 @@
 """PipelineRunner: one optimizer step's forward + backward through a pipeline schedule.
 
-Token-weighted loss: each microbatch's loss is its *summed* token cross-entropy divided by the
-number of target tokens in the whole global batch (times the dp x sp gradient-averaging scale, as
-in LocalRunner), so the accumulated gradient equals the unpipelined step's exactly — a
-per-microbatch mean would weight microbatches with few targets too heavily.
+Token-weighted loss: each microbatch's loss is its *summed* loss divided by the number of targets
+in the whole global batch (times the dp x sp gradient-averaging scale, as in LocalRunner), so the
+accumulated gradient equals the unpipelined step's exactly — a per-microbatch mean would weight
+microbatches with few targets too heavily.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from meshweave.parallel.loss_parallel import loss_parallel_context, vocab_parallel_cross_entropy_sum
-from meshweave.parallel.runner import BatchSharder
-from meshweave.runtime.data import Batch
+from meshweave.core.batch import Batch
+from meshweave.parallel.loss_parallel import loss_parallel_context
+from meshweave.parallel.runner import BatchSharder, ModelIO, TrafficContext, autocast_context, scaled_for_backward
 
 
 class TokenWeightedLoss:
-    """The schedule's loss_fn: sum CE * scale / global_targets, remembering each microbatch's raw sum."""
+    """The schedule's loss_fn: summed loss * scale / global_targets, remembering each microbatch's raw sum."""
 
-    def __init__(self, gradient_average_scale: int) -> None:
-        self.gradient_average_scale = gradient_average_scale
-        self.global_targets = 1
+    def __init__(self, loss_sum: Callable[[Any, torch.Tensor], torch.Tensor], gradient_average_scale: int) -> None:
+        self.loss_sum, self.gradient_average_scale = loss_sum, gradient_average_scale
+        self.global_targets = torch.ones(())
         self.sums: list[torch.Tensor] = []
 
-    def start_step(self, global_targets: int) -> None:
+    def start_step(self, global_targets: torch.Tensor) -> None:
         self.global_targets, self.sums = global_targets, []
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss_sum = vocab_parallel_cross_entropy_sum(logits, labels)
-        self.sums.append(loss_sum.detach().double().cpu())
-        return loss_sum * (self.gradient_average_scale / self.global_targets)
+    def __call__(self, output: Any, target: torch.Tensor) -> torch.Tensor:
+        loss_sum = self.loss_sum(output, target)
+        self.sums.append(loss_sum.detach().double())
+        return scaled_for_backward(loss_sum, self.gradient_average_scale, self.global_targets)
 
 
 class PipelineRunner:
     """Runs a `torch.distributed.pipelining` schedule over this rank's stages.
 
     Every rank passes the whole local batch: the schedule splits it into microbatches, feeds the
-    tokens to stage 0, the labels to the loss after the last stage, and position / document ids
-    to every stage as keyword arguments. Returns this rank's loss sum (0 where no last stage is held).
+    model's input field to stage 0, the target field to the loss after the last stage, and the
+    keyword fields to every stage. Returns this rank's loss sum (0 where no last stage is held).
     """
 
-    def __init__(self, schedule, stages: list, model_parts: list[nn.Module], loss: TokenWeightedLoss, microbatches: int,
-                 shard: BatchSharder | None = None, document_masking: bool = True, loss_parallel: bool = False,
-                 autocast_dtype: torch.dtype | None = None,
-                 traffic: Callable[[], AbstractContextManager] | None = None) -> None:
-        self.autocast_dtype, self.microbatches, self.traffic = autocast_dtype, microbatches, traffic
-        self.schedule, self.stages, self.model_parts, self.loss = schedule, stages, model_parts, loss
-        self.shard, self.document_masking, self.loss_parallel = shard, document_masking, loss_parallel
+    def __init__(self, schedule, stages: list, model_parts: list[nn.Module], loss: TokenWeightedLoss, io: ModelIO,
+                 microbatches: int, shard: BatchSharder | None = None, autocast_dtype: torch.dtype | None = None,
+                 traffic: TrafficContext | None = None) -> None:
+        self.schedule, self.stages, self.model_parts, self.loss, self.io = schedule, stages, model_parts, loss, io
+        self.microbatches, self.shard, self.autocast_dtype, self.traffic = microbatches, shard, autocast_dtype, traffic
         self.device = next(model_parts[0].parameters()).device
 
-    def forward_backward(self, batch: Batch, global_targets: int) -> torch.Tensor:
+    def forward_backward(self, batch: Batch, global_targets: torch.Tensor) -> torch.Tensor:
         """Accumulate gradients of sum(loss)/global_targets over `batch`; return the local loss sum."""
-        batch = self.shard(batch) if self.shard is not None else batch
-        kwargs = {"position_ids": batch.position_ids.to(self.device)}
-        if self.document_masking:
-            kwargs["document_ids"] = batch.document_ids.to(self.device)
+        batch = (self.shard(batch) if self.shard is not None else batch).to(self.device)
         self.loss.start_step(global_targets)
-        autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
         traffic = self.traffic() if self.traffic is not None else nullcontext()
-        with loss_parallel_context(self.loss_parallel), autocast, traffic:
-            self.schedule.step(batch.tokens.to(self.device), target=batch.labels.to(self.device),
-                               return_outputs=False, **kwargs)
+        with loss_parallel_context(self.io.loss_parallel), autocast_context(self.device, self.autocast_dtype), traffic:
+            self.schedule.step(batch.fields[self.io.input_field], target=batch.fields[self.io.target_field],
+                               return_outputs=False, **self.io.kwargs(batch))
         # On the first step torch's shape inference calls the loss once more on a dummy batch: keep
         # only the sums of the real microbatches (the last ones computed).
         sums = self.loss.sums[-self.microbatches:]
-        return torch.stack(sums).sum() if sums else torch.zeros((), dtype=torch.float64)
+        return torch.stack(sums).sum() if sums else torch.zeros((), dtype=torch.float64, device=self.device)

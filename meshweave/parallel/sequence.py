@@ -1,24 +1,36 @@
-"""Sequence parallelism in the composition: install an SP attention op and shard each batch to match.
+"""Sequence parallelism in the composition: give each attention slot the SP op for its kind, and
+shard each batch to match.
 
-The op (attention/) communicates inside attention only; everything else in a block is per-token,
-so the rest of the model just runs on this rank's tokens. Tokens, labels, position ids and
-document ids are all sharded with the method's layout (zigzag for ring-based methods), so RoPE
-positions, document masks and the token loss stay exact.
+The ops (attention/) communicate inside token mixing only; everything else in a layer is per-token,
+so the rest of the model just runs on this rank's tokens. Every batch field with a declared
+sequence dimension (tokens, labels, position ids, document ids, ...) is sharded with the method's
+layout (zigzag for ring-based methods), so positions, document masks and the loss stay exact.
+
+Op kinds: "softmax" slots take the configured method (ulysses, ring, tokenring, usp). A new kind
+(e.g. linear attention) adds a builder to `SLOT_OP_BUILDERS`; all kinds share the batch layout of
+the softmax method, which every builder receives.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.nn as nn
 
 from meshweave.attention import SequenceParallelAttention, usp_rank_groups
+from meshweave.core.batch import Batch
+from meshweave.core.mesh import Mesh
+from meshweave.core.schema import ParallelConfig
+from meshweave.models.attention_api import AttentionOp, attention_slots, install_ops
 from meshweave.parallel.runner import BatchSharder
-from meshweave.runtime.data import Batch
-from meshweave.runtime.mesh import Mesh
-from meshweave.runtime.schema import ParallelConfig
+
+# op kind -> builder(mesh, parallel config, the softmax op that fixes the layout) -> AttentionOp
+SlotOpBuilder = Callable[[Mesh, ParallelConfig, SequenceParallelAttention], AttentionOp]
+SLOT_OP_BUILDERS: dict[str, SlotOpBuilder] = {"softmax": lambda mesh, p, layout_op: layout_op}
 
 
 def build_sp_op(mesh: Mesh, p: ParallelConfig) -> SequenceParallelAttention:
-    """The attention op over this rank's SP group; USP creates its Ulysses x Ring sub-groups here."""
+    """The softmax op over this rank's SP group; USP creates its Ulysses x Ring sub-groups here."""
     if p.sp_method != "usp":
         return SequenceParallelAttention(p.sp_method, mesh.group("sp"))
     pairs = [usp_rank_groups(ranks, p.usp.ulysses) for ranks in mesh.dims.groups(("sp",))]
@@ -28,11 +40,16 @@ def build_sp_op(mesh: Mesh, p: ParallelConfig) -> SequenceParallelAttention:
 
 
 def apply_sequence_parallel(model: nn.Module, mesh: Mesh, p: ParallelConfig) -> BatchSharder:
-    """Install the SP op in every attention layer; return the function that shards a batch for it."""
-    op = build_sp_op(mesh, p)
-    model.set_attention_op(op)
+    """Install the SP op of each slot kind in `model`; return the function that shards a batch for them."""
+    layout_op = build_sp_op(mesh, p)
+    kinds = {slot.kind for slot in attention_slots(model)}
+    unknown = kinds - set(SLOT_OP_BUILDERS)
+    if unknown:
+        raise ValueError(f"no sequence-parallel op for attention slot kind(s) {sorted(unknown)}; "
+                         f"known: {', '.join(sorted(SLOT_OP_BUILDERS))}")
+    install_ops(model, {kind: SLOT_OP_BUILDERS[kind](mesh, p, layout_op) for kind in kinds})
 
     def shard(batch: Batch) -> Batch:
-        return Batch(*(op.shard(t, dim=1) for t in (batch.tokens, batch.labels, batch.position_ids, batch.document_ids)))
+        return batch.map_sequence(lambda t, dim: layout_op.shard(t, dim=dim))
 
     return shard

@@ -18,7 +18,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from meshweave.comm import CommLedger
+from meshweave.core.comm import CommLedger
 
 _functional = torch.ops._c10d_functional
 # op -> (ledger op name, index of the argument holding the group name)

@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from meshweave.comm import CommGroup
-from meshweave.runtime.schema import TrainConfig
+from meshweave.core.comm import CommGroup
+from meshweave.core.schema import TrainConfig
 
 
 def build_optimizer(parts: list[nn.Module], cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
@@ -43,7 +43,8 @@ def global_grad_norm(parts: list[nn.Module], pp_group: CommGroup) -> torch.Tenso
     """
     grads = [p.grad for m in parts for p in m.parameters() if p.grad is not None]
     if not grads:
-        norm = torch.zeros(())
+        device = next((p.device for m in parts for p in m.parameters()), torch.device("cpu"))
+        norm = torch.zeros((), device=device)
     else:
         norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
         if isinstance(norm, DTensor):

@@ -39,9 +39,11 @@ def peak_memory_gib(device_type: str) -> float:
 
 @dataclass
 class StepMetrics:
+    """One step's figures; loss and grad_norm may be device tensors (read only on log steps)."""
+
     step: int
-    loss: float
-    grad_norm: float
+    loss: float | torch.Tensor
+    grad_norm: float | torch.Tensor
     lr: float
     tokens: int  # global tokens in this step
     step_time: float
@@ -85,7 +87,7 @@ class MetricsLogger:
         tflops = tps * self.flops_per_token / self.world_size / 1e12
         done = m.step - first_step
         eta = (time.perf_counter() - self.start) / max(1, done) * (self.total_steps - m.step)
-        return {"step": m.step, "loss": m.loss, "grad_norm": m.grad_norm, "lr": m.lr, "tokens_per_s": tps,
+        return {"step": m.step, "loss": float(m.loss), "grad_norm": float(m.grad_norm), "lr": m.lr, "tokens_per_s": tps,
                 "tflops_per_device": tflops, "mfu": tflops / self.peak if self.peak else None,
                 "peak_mem_gib": peak_memory_gib(self.device_type), "eta_s": eta, "rank": self.rank,
                 "time": time.time()}

@@ -1,8 +1,13 @@
 """The training loop: one optimizer step at a time, layout-agnostic.
 
-Loss normalisation: every rank divides its summed token loss by the number of target tokens in
-the whole global batch (all-reduced over the data-parallel axis), and gradients are summed over
-dp x sp. Any layout therefore computes exactly the gradient one process would on the same batch.
+Loss normalisation: every rank divides its summed loss by the number of targets in the whole
+global batch (all-reduced over the data-parallel axis; `global_target_count` is the one definition),
+and gradients are summed over dp x sp. Any layout therefore computes exactly the gradient one
+process would on the same batch.
+
+Host syncs: the batch goes to the device once, and the target count, the loss and the gradient norm
+stay there; they reach the host only when the metrics logger formats a log step (and once at the end
+for the list of losses `train()` returns).
 """
 
 from __future__ import annotations
@@ -14,13 +19,15 @@ from typing import Any, Protocol
 import torch
 import torch.nn as nn
 
+from meshweave.core.batch import Batch
+from meshweave.core.mesh import Mesh
+from meshweave.core.schema import Config
+from meshweave.data.text import DistributedSampler, PackedDataset
+from meshweave.models.spec import ModelSpec
 from meshweave.parallel.runner import StepRunner
-from meshweave.runtime.data import DistributedSampler, PackedDataset
-from meshweave.runtime.faults import maybe_inject_fault
-from meshweave.runtime.mesh import Mesh
-from meshweave.runtime.metrics import MetricsLogger, StepMetrics
-from meshweave.runtime.optim import clip_grad_norm
-from meshweave.runtime.schema import Config
+from meshweave.train.faults import maybe_inject_fault
+from meshweave.train.metrics import MetricsLogger, StepMetrics
+from meshweave.train.optim import clip_grad_norm
 
 
 class CheckpointHooks(Protocol):
@@ -33,6 +40,7 @@ class CheckpointHooks(Protocol):
 @dataclass
 class TrainingParts:
     cfg: Config
+    spec: ModelSpec
     mesh: Mesh
     device: torch.device
     runner: StepRunner
@@ -50,7 +58,7 @@ class Trainer:
     def __init__(self, parts: TrainingParts) -> None:
         self.p = parts
         self.step = 0
-        self.losses: list[float] = []
+        self.losses: list[torch.Tensor] = []  # per step, on the device
 
     # --- state that is not model/optimizer/data (checkpointed as "trainer") ----------------
     def state_dict(self) -> dict[str, Any]:
@@ -82,16 +90,16 @@ class Trainer:
             if ckpt is not None:
                 ckpt.close()
             self.p.metrics.close()
-        return self.losses
+        return torch.stack(self.losses).tolist() if self.losses else []
 
     def train_step(self) -> StepMetrics:
+        """One optimizer step on the next global batch; its metrics stay on the device."""
         start = time.perf_counter()
-        p, mesh = self.p, self.p.mesh
-        batch = p.dataset.batch(p.sampler.next_local_rows())
-        global_targets = int(mesh.group("dp").all_reduce(torch.tensor(float(batch.num_targets()), dtype=torch.float64)))
-        local_loss = p.runner.forward_backward(batch, global_targets)
-        loss = self._global_loss(local_loss) / global_targets
-        grad_norm = clip_grad_norm(p.model_parts, p.cfg.train.grad_clip, mesh.group("pp"))
+        p = self.p
+        batch = p.dataset.batch(p.sampler.next_local_rows()).to(p.device)
+        global_targets = self.global_target_count(batch)
+        loss = self._global_loss_sum(p.runner.forward_backward(batch, global_targets)) / global_targets
+        grad_norm = clip_grad_norm(p.model_parts, p.cfg.train.grad_clip, p.mesh.group("pp"))
         if p.checkpointer is not None:
             p.checkpointer.before_optimizer_step()
         lr = p.optimizer.param_groups[0]["lr"]
@@ -104,13 +112,20 @@ class Trainer:
             p.checkpointer.after_optimizer_step(self.step, p.app_state, final_step=self.step == p.cfg.train.steps)
         maybe_inject_fault(self.step, p.metrics.rank)
         tokens = p.cfg.train.global_batch * p.cfg.train.seq_len
-        return StepMetrics(self.step, loss, float(grad_norm), lr, tokens, time.perf_counter() - start)
+        return StepMetrics(self.step, loss, grad_norm, lr, tokens, time.perf_counter() - start)
 
-    def _global_loss(self, local_loss: torch.Tensor) -> float:
-        """Sum of token losses over the global batch: over dp x sp, and over pp (only the last stage has it)."""
+    def global_target_count(self, batch: Batch) -> torch.Tensor:
+        """Targets in the whole global batch (fp64 device tensor): what every rank divides its loss sum by.
+
+        Communicates: one all-reduce of one value over the dp group (dp replicas hold different rows;
+        sp/tp/pp peers hold the same rows)."""
+        local = self.p.spec.count_targets(batch).to(torch.float64).reshape(1)
+        return self.p.mesh.group("dp").all_reduce(local)[0]
+
+    def _global_loss_sum(self, local_loss: torch.Tensor) -> torch.Tensor:
+        """Sum of losses over the global batch: over dp x sp, and over pp (only the last stage has it)."""
         total = self.p.mesh.group("dp_sp").all_reduce(local_loss.double().reshape(1).clone())
-        total = self.p.mesh.group("pp").all_reduce(total)
-        return float(total)
+        return self.p.mesh.group("pp").all_reduce(total)[0]
 
     def _say(self, message: str) -> None:
         if self.p.metrics.rank == 0:

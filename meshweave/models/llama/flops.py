@@ -2,30 +2,30 @@
 
 from __future__ import annotations
 
-from meshweave.models.llama import ModelConfig
+from meshweave.models.llama.config import LlamaConfig
 
 
-def parameter_count(cfg: ModelConfig) -> int:
+def parameter_count(cfg: LlamaConfig) -> int:
     """All trainable parameters, embeddings and the untied output head included."""
     return embedding_params(cfg) + cfg.n_layers * block_params(cfg) + cfg.dim + cfg.dim * cfg.vocab_size
 
 
-def embedding_params(cfg: ModelConfig) -> int:
+def embedding_params(cfg: LlamaConfig) -> int:
     return cfg.vocab_size * cfg.dim
 
 
-def block_params(cfg: ModelConfig) -> int:
+def block_params(cfg: LlamaConfig) -> int:
     attn = cfg.dim * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)  # wq, wo + wk, wv
     ffn = 3 * cfg.dim * cfg.ffn_hidden
     return attn + ffn + 2 * cfg.dim  # two RMSNorm weights
 
 
-def matmul_params(cfg: ModelConfig) -> int:
+def matmul_params(cfg: LlamaConfig) -> int:
     """Parameters that take part in a matmul per token (embedding lookup and norms do not)."""
     return cfg.n_layers * (block_params(cfg) - 2 * cfg.dim) + cfg.dim * cfg.vocab_size
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
+def flops_per_token(cfg: LlamaConfig, seq_len: int, causal: bool = True) -> float:
     """Training FLOPs (forward + backward = 3x forward) per token.
 
     Forward: 2 FLOPs per matmul parameter, plus attention scores and weighted sum:

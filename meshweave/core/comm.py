@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from meshweave.comm.ledger import CommLedger
+from meshweave.core.ledger import CommLedger
 
 
 # torch 2.13 deprecates the *_tensor forms in favour of *_single; older releases only have the former.

@@ -5,23 +5,26 @@ Needs the default process group to exist (see launch/worker.py).
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
-from meshweave.models import Transformer, flops_per_token
+from meshweave.core.comm import CommLedger
+from meshweave.core.dims import ParallelDims
+from meshweave.core.mesh import Mesh, build_mesh, device_type_for
+from meshweave.core.schema import Config
+from meshweave.data.text import DistributedSampler, build_dataset
+from meshweave.models.registry import model_spec
+from meshweave.models.spec import ModelSpec
 from meshweave.parallel.compose import parallelize
-from meshweave.runtime.config import dump_yaml
-from meshweave.runtime.data import DistributedSampler, build_dataset
-from meshweave.runtime.mesh import Mesh, ParallelDims, build_mesh, device_type_for
-from meshweave.runtime.metrics import MetricsLogger, peak_tflops
-from meshweave.runtime.optim import build_optimizer, build_scheduler
-from meshweave.runtime.schema import Config
-from meshweave.runtime.trainer import Trainer, TrainingParts
-from meshweave.runtime.validate import resolved_dp
+from meshweave.train.config import dump_yaml
+from meshweave.train.metrics import MetricsLogger, peak_tflops
+from meshweave.train.optim import build_optimizer, build_scheduler
+from meshweave.train.trainer import Trainer, TrainingParts
+from meshweave.train.validate import resolve_defaults
 
 
 def compute_dtype(cfg: Config, device_type: str) -> torch.dtype:
@@ -32,21 +35,14 @@ def compute_dtype(cfg: Config, device_type: str) -> torch.dtype:
 
 
 def parallel_dims(cfg: Config, world_size: int) -> ParallelDims:
-    p = cfg.parallel
-    return ParallelDims(pp=p.pp, dp=resolved_dp(cfg, world_size), sp=p.sp, tp=p.tp)
+    return ParallelDims.resolve(cfg.parallel, world_size)
 
 
-def build_model(cfg: Config, device: torch.device) -> Transformer:
+def build_model(spec: ModelSpec, cfg: Config, device: torch.device) -> nn.Module:
     """Same seed on every rank, so every rank starts from the same full weights before sharding."""
     torch.manual_seed(cfg.train.seed)
     with torch.device(device):
-        return Transformer(cfg.model)
-
-
-def checkpoint_settings(cfg: Config) -> Any:
-    from meshweave.checkpoint import CheckpointSettings
-
-    return CheckpointSettings(**dataclasses.asdict(cfg.checkpoint))
+        return spec.build(cfg.model)
 
 
 def build_checkpointer(cfg: Config) -> Any:
@@ -55,14 +51,14 @@ def build_checkpointer(cfg: Config) -> Any:
     from meshweave.checkpoint import Checkpointer
 
     group = dist.new_group(backend="gloo")  # background checkpoint collectives never share the training group
-    return Checkpointer(checkpoint_settings(cfg), group, dist.get_rank(), dist.get_world_size())
+    return Checkpointer(cfg.checkpoint, group, dist.get_rank(), dist.get_world_size())
 
 
-def build_metrics(cfg: Config, mesh: Mesh, device_type: str) -> MetricsLogger:
+def build_metrics(cfg: Config, spec: ModelSpec, device_type: str) -> MetricsLogger:
     rank, run_dir = dist.get_rank(), Path(cfg.run_dir)
     return MetricsLogger(
         rank=rank, world_size=dist.get_world_size(), total_steps=cfg.train.steps,
-        flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len), peak=peak_tflops(cfg.train.peak_tflops, device_type),
+        flops_per_token=spec.flops_per_token(cfg.model, cfg.train.seq_len), peak=peak_tflops(cfg.train.peak_tflops, device_type),
         device_type=device_type, every=cfg.logging.every_steps,
         jsonl_path=run_dir / "metrics" / f"rank{rank}.jsonl" if cfg.logging.jsonl else None,
         tb_dir=run_dir / "tensorboard" if cfg.logging.tensorboard else None,
@@ -70,23 +66,25 @@ def build_metrics(cfg: Config, mesh: Mesh, device_type: str) -> MetricsLogger:
 
 
 def build_trainer(cfg: Config, local_rank: int = 0) -> Trainer:
+    """Everything this rank needs to train `cfg`: mesh, data, the parallelised model, optimizer, metrics."""
+    cfg = resolve_defaults(cfg, dist.get_world_size())
     device_type = device_type_for(cfg.train.device)
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device("cpu")
-    mesh = build_mesh(parallel_dims(cfg, dist.get_world_size()), device_type)
+    ledger = CommLedger(enabled=cfg.logging.comm_accounting)
+    mesh = build_mesh(parallel_dims(cfg, dist.get_world_size()), device_type, ledger)
     if dist.get_rank() == 0:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run_dir) / "config.yaml").write_text(dump_yaml(cfg))
-    t = cfg.train
+    t, spec = cfg.train, model_spec(cfg.model.kind)
     dataset = build_dataset(cfg.data.source, cfg.data.path, cfg.data.max_bytes, t.seq_len, cfg.model.vocab_size,
-                            t.seed, cfg.data.synthetic_mean_len, cfg.data.synthetic_max_len)
+                            t.seed, cfg.data.synthetic_mean_len, cfg.data.synthetic_max_len, cfg.data.document_masking)
     sampler = DistributedSampler(len(dataset), t.global_batch, mesh.coordinate["dp"], mesh.dims.dp, t.seed)
-    model = build_model(cfg, device)
-    pm = parallelize(model, mesh, cfg, compute_dtype(cfg, device_type))
+    pm = parallelize(build_model(spec, cfg, device), spec, mesh, cfg, compute_dtype(cfg, device_type))
     optimizer = build_optimizer(pm.model_parts, t, device_type)
-    parts = TrainingParts(cfg, mesh, device, pm.runner, pm.model_parts, optimizer, build_scheduler(optimizer, t),
-                          dataset, sampler, build_metrics(cfg, mesh, device_type), build_checkpointer(cfg))
+    parts = TrainingParts(cfg, spec, mesh, device, pm.runner, pm.model_parts, optimizer, build_scheduler(optimizer, t),
+                          dataset, sampler, build_metrics(cfg, spec, device_type), build_checkpointer(cfg))
     trainer = Trainer(parts)
     parts.app_state = app_state(trainer)
     return trainer

@@ -4,36 +4,18 @@ Layout conventions that the parallel layers rely on:
 - `layers` is a ModuleDict keyed "0".."L-1" so a pipeline stage can drop the layers it does not
   own and keep the original names (checkpoints stay layout-independent).
 - `tok_embeddings`, `norm`, `output` may be None on pipeline stages that do not own them.
-- Attention is computed by an injected `AttentionOp` (sequence-parallel methods plug in there).
+- Attention runs in an `AttentionSlot` of kind "softmax" (sequence-parallel methods plug in there).
 - The model returns logits; the loss lives outside so that it can be vocab-parallel under TP.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from meshweave.models.attention_api import AttentionMeta, AttentionOp, local_attention
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = 320
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 8
-    n_kv_heads: int = 4
-    ffn_hidden: int = 688
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+from meshweave.models.attention_api import AttentionMeta, AttentionSlot
+from meshweave.models.llama.config import LlamaConfig
 
 
 def rope_angles(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,14 +34,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.attention_op: AttentionOp = local_attention
+        self.mixer = AttentionSlot("softmax")
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMeta) -> torch.Tensor:
         b, s, _ = x.shape
@@ -68,12 +50,12 @@ class Attention(nn.Module):
         k = self.wk(x).view(b, s, -1, self.head_dim)
         v = self.wv(x).view(b, s, -1, self.head_dim)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = self.attention_op(q, k, v, meta)
+        out = self.mixer(q, k, v, meta)
         return self.wo(out.reshape(b, s, -1))
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)  # gate
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)  # up
@@ -84,7 +66,7 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.attention = Attention(cfg)
@@ -97,7 +79,7 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
@@ -117,10 +99,6 @@ class Transformer(nn.Module):
                 nn.init.trunc_normal_(p, std=depth_std, a=-3 * depth_std, b=3 * depth_std)
             else:
                 nn.init.trunc_normal_(p, std=std, a=-3 * std, b=3 * std)
-
-    def set_attention_op(self, op: AttentionOp) -> None:
-        for block in self.layers.values():
-            block.attention.attention_op = op
 
     def forward(
         self,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 
+BYTE_VOCAB_SIZE = 259  # 256 bytes + BOS, EOS, PAD
+
+
 class ByteTokenizer:
     BOS, EOS, PAD = 256, 257, 258
-    vocab_size = 259
+    vocab_size = BYTE_VOCAB_SIZE
 
     def encode(self, text: str, bos: bool = True, eos: bool = True) -> list[int]:
         ids = list(text.encode("utf-8"))

@@ -12,31 +12,14 @@
 from __future__ import annotations
 
 import sysconfig
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from meshweave.runtime.tokenizer import ByteTokenizer
+from meshweave.core.batch import IGNORE_INDEX, Batch
+from meshweave.data.tokenizer import ByteTokenizer
 
-IGNORE_INDEX = -100
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
-
-
-@dataclass
-class Batch:
-    """A batch of packed rows. All tensors (B, S)."""
-
-    tokens: torch.Tensor
-    labels: torch.Tensor  # next token, IGNORE_INDEX where it would cross into another document
-    position_ids: torch.Tensor  # restart at 0 at every document start within the row
-    document_ids: torch.Tensor  # 0, 1, 2... per row, in order of appearance
-
-    def slice(self, start: int, stop: int) -> Batch:
-        return Batch(*(t[start:stop] for t in (self.tokens, self.labels, self.position_ids, self.document_ids)))
-
-    def num_targets(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
 
 
 def builtin_documents(max_bytes: int) -> list[str]:
@@ -88,8 +71,8 @@ def encode_documents(texts: list[str]) -> list[torch.Tensor]:
 class PackedDataset:
     """Rows of seq_len tokens cut from the concatenation of all documents, with boundaries kept."""
 
-    def __init__(self, token_docs: list[torch.Tensor], seq_len: int) -> None:
-        self.seq_len = seq_len
+    def __init__(self, token_docs: list[torch.Tensor], seq_len: int, document_masking: bool = True) -> None:
+        self.seq_len, self.document_masking = seq_len, document_masking
         self.tokens = torch.cat(token_docs).to(torch.int32)
         lengths = torch.tensor([len(d) for d in token_docs])
         self.doc_index = torch.repeat_interleave(torch.arange(len(token_docs)), lengths)
@@ -101,7 +84,12 @@ class PackedDataset:
         return self.num_rows
 
     def batch(self, rows: list[int]) -> Batch:
-        return Batch(*(torch.stack(t) for t in zip(*(self._row(r) for r in rows))))
+        """Rows as a text batch; without document masking the document ids are left out (the model then
+        attends across documents, while labels still never cross a boundary)."""
+        batch = Batch.text(*(torch.stack(t) for t in zip(*(self._row(r) for r in rows))))
+        if not self.document_masking:
+            del batch.fields["document_ids"], batch.seq_dims["document_ids"]
+        return batch
 
     def _row(self, r: int) -> tuple[torch.Tensor, ...]:
         lo, hi = r * self.seq_len, (r + 1) * self.seq_len
@@ -118,13 +106,14 @@ class PackedDataset:
 
 
 def build_dataset(source: str, path: str | None, max_bytes: int, seq_len: int, vocab_size: int, seed: int,
-                  synthetic_mean_len: int = 256, synthetic_max_len: int = 4096) -> PackedDataset:
+                  synthetic_mean_len: int = 256, synthetic_max_len: int = 4096,
+                  document_masking: bool = True) -> PackedDataset:
     if source == "synthetic":
         n = max(8, max_bytes // max(1, synthetic_mean_len))
         docs = synthetic_documents(n, synthetic_mean_len, synthetic_max_len, vocab_size, seed)
-        return PackedDataset(docs, seq_len)
+        return PackedDataset(docs, seq_len, document_masking)
     texts = builtin_documents(max_bytes) if source == "builtin" else path_documents(path, max_bytes)
-    return PackedDataset(encode_documents(texts), seq_len)
+    return PackedDataset(encode_documents(texts), seq_len, document_masking)
 
 
 class SamplerStateError(ValueError):

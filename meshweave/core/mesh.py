@@ -1,7 +1,5 @@
-"""ParallelDims: degrees -> a named DeviceMesh (pp, dp, sp, tp) and the CommGroups every feature uses.
+"""The live mesh of one rank: ParallelDims (core/dims.py) -> a named DeviceMesh (pp, dp, sp, tp) and CommGroups.
 
-Rank order: pp outermost, tp innermost (tensor-parallel peers are neighbours, i.e. on one node
-with fast links), sp next to tp, dp between. Axes by purpose:
 - "pp": pipeline stage peers (P2P activations).
 - "dp": data-parallel replicas; "sp": sequence shards; "tp": tensor shards.
 - "dp_sp": dp x sp flattened — the gradient-reduction / FSDP axis and the loss / token-count axis
@@ -13,55 +11,15 @@ A degree-1 axis keeps its name, so code never has to ask whether an axis exists.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import product
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from meshweave.comm import CommGroup, CommLedger
+from meshweave.core.comm import CommGroup, CommLedger
+from meshweave.core.dims import MESH_AXES, ParallelDims
 
-MESH_AXES = ("pp", "dp", "sp", "tp")
-
-
-@dataclass(frozen=True)
-class ParallelDims:
-    pp: int
-    dp: int
-    sp: int
-    tp: int
-
-    @property
-    def world_size(self) -> int:
-        return self.pp * self.dp * self.sp * self.tp
-
-    def shape(self) -> tuple[int, ...]:
-        return tuple(getattr(self, a) for a in MESH_AXES)
-
-    def coordinate(self, rank: int) -> dict[str, int]:
-        """Mesh coordinate of a global rank, by axis name."""
-        coords = {}
-        for axis in reversed(MESH_AXES):
-            size = getattr(self, axis)
-            coords[axis] = rank % size
-            rank //= size
-        return {a: coords[a] for a in MESH_AXES}
-
-    def rank_of(self, **coords: int) -> int:
-        rank = 0
-        for axis in MESH_AXES:
-            rank = rank * getattr(self, axis) + coords.get(axis, 0)
-        return rank
-
-    def groups(self, axes: tuple[str, ...]) -> list[list[int]]:
-        """Every group of ranks that differ only along `axes` (a partition of the world), in a fixed order."""
-        fixed = [a for a in MESH_AXES if a not in axes]
-        out = []
-        for fixed_coords in product(*(range(getattr(self, a)) for a in fixed)):
-            base = dict(zip(fixed, fixed_coords))
-            members = [self.rank_of(**base, **dict(zip(axes, c))) for c in product(*(range(getattr(self, a)) for a in axes))]
-            out.append(members)
-        return out
+__all__ = ["MESH_AXES", "Mesh", "ParallelDims", "backend_for", "build_mesh", "device_type_for"]
 
 
 @dataclass

@@ -1,7 +1,10 @@
 """Load a YAML config into the typed schema: defaults, unknown-key hints, type checks, dotted overrides.
 
-Everything here runs before any process group exists. Errors are `ConfigError`s carrying one
-line that names the field, the value and the fix; the CLI prints that line and exits with 2.
+Everything here runs before any process group exists, and imports no torch. Errors are
+`ConfigError`s carrying one line that names the field, the value and the fix; the CLI prints that
+line and exits with 2. The `model:` section's dataclass depends on its `kind`, which core cannot
+know: callers pass `model_config`, a function from kind name to config class (train/config.py binds
+the model registry).
 """
 
 from __future__ import annotations
@@ -10,31 +13,59 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from meshweave.runtime.schema import SCHEMA_VERSION, Config
+from meshweave.core.errors import ConfigError
+from meshweave.core.schema import SCHEMA_VERSION, Config
+
+__all__ = ["ConfigError", "ModelConfigLookup", "dump_yaml", "from_dict", "load_config", "to_dict"]
+
+ModelConfigLookup = Callable[[str], type]  # model kind -> its config dataclass; KeyError(message) if unknown
+DEFAULT_MODEL_KIND = "llama"
 
 
-class ConfigError(ValueError):
-    """A bad config: the message is one line naming the field, the value and the fix."""
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...],
+                model_config: ModelConfigLookup) -> Config:
     """Read YAML (or only defaults when path is None), apply `a.b=value` overrides, build the schema."""
     raw = _read_yaml(path) if path is not None else {}
     for item in overrides:
-        _apply_override(raw, item)
-    return from_dict(raw)
+        _apply_override(raw, item, model_config)
+    return from_dict(raw, model_config)
 
 
-def from_dict(raw: dict[str, Any]) -> Config:
+def from_dict(raw: dict[str, Any], model_config: ModelConfigLookup) -> Config:
     version = raw.get("version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
-        raise ConfigError(f"version: {version!r} is not supported; this meshweave reads version: {SCHEMA_VERSION}")
-    return _build(Config, raw, "")
+        raise ConfigError(f"version: {_short(version)} is not supported; this meshweave reads version: {SCHEMA_VERSION}")
+    model_raw = raw.get("model")
+    cfg = _build(Config, {k: v for k, v in raw.items() if k != "model"}, "")
+    cfg.model = _build(_model_class(model_raw, model_config), model_raw, "model.")
+    return cfg
+
+
+def _model_kind(model_raw: Any) -> str:
+    kind = model_raw.get("kind", DEFAULT_MODEL_KIND) if isinstance(model_raw, dict) else DEFAULT_MODEL_KIND
+    if not isinstance(kind, str):
+        raise ConfigError(f"model.kind: expected a model kind name, got {_short(kind)}")
+    return kind
+
+
+def _model_class(model_raw: Any, model_config: ModelConfigLookup) -> type:
+    kind = _model_kind(model_raw)
+    try:
+        return model_config(kind)
+    except KeyError as err:
+        raise ConfigError(f"model.kind: {err.args[0]}") from None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr() of a value, cut to a bounded prefix so that a huge value never floods an error line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -46,29 +77,24 @@ def dump_yaml(cfg: Config) -> str:
 
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:
+    from meshweave.core.yaml_safe import YamlRefused, load_yaml_config
+
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist; pass a YAML file (see configs/)")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, parallel:, ...), got {type(data).__name__}")
-    return data
+        return load_yaml_config(p)
+    except YamlRefused as err:
+        raise ConfigError(str(err)) from None
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
+def _apply_override(raw: dict[str, Any], item: str, model_config: ModelConfigLookup) -> None:
     """`parallel.dp=2` -> raw["parallel"]["dp"] = 2 (the value is parsed as YAML: 2, true, [a, b])."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. --set parallel.dp=2")
     key, text = item.split("=", 1)
     parts = key.strip().split(".")
-    _check_path(parts)
+    _check_path(parts, raw, model_config)
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
@@ -81,9 +107,11 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-def _check_path(parts: list[str]) -> None:
+def _check_path(parts: list[str], raw: dict[str, Any], model_config: ModelConfigLookup) -> None:
     cls: Any = Config
     for i, part in enumerate(parts):
+        if i == 1 and parts[0] == "model":
+            cls = _model_class(raw.get("model"), model_config)
         if not dataclasses.is_dataclass(cls):
             raise ConfigError(f"--set {'.'.join(parts)}: {'.'.join(parts[:i])} is not a section")
         hints = typing.get_type_hints(cls)
@@ -102,7 +130,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {_short(raw)}")
     hints = typing.get_type_hints(cls)
     for key in raw:
         if key not in hints:
@@ -116,6 +144,12 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, name + ".")
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        if value not in args or isinstance(value, bool) != any(isinstance(a, bool) for a in args):
+            raise ConfigError(f"{name}: {_short(value)} is not one of {', '.join(map(str, args))}")
+        return value
+    if tp is typing.Any:
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -123,7 +157,7 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
         return _convert(inner[0], value, name)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{name}: expected a list, got {value!r}; write e.g. {name.split('.')[-1]}: [a, b]")
+            raise ConfigError(f"{name}: expected a list, got {_short(value)}; write e.g. {name.split('.')[-1]}: [a, b]")
         return [_convert(args[0], v, name) for v in value]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -135,5 +169,5 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
     if tp is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{name}: expected {tp.__name__}, got {_short(value)} ({type(value).__name__})")
     return value

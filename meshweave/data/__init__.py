@@ -1,0 +1,1 @@
+"""Data sources that need no download, packing, and the resumable distributed sampler."""

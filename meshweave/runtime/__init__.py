@@ -1,1 +1,0 @@
-"""meshweave.runtime"""
