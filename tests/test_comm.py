@@ -85,3 +85,42 @@ def test_harness_watchdog_names_hung_rank():
     with pytest.raises(DistributedTestError) as info:
         run_distributed(_hang_on_rank_zero, 2, timeout=3)
     assert "still running" in str(info.value) and "[0]" in str(info.value)
+
+
+def _device_refusals():
+    """Each call with a tensor on the wrong device for the backend fails in one line, before the backend."""
+    ranks = list(range(dist.get_world_size()))
+    as_nccl = CommGroup("dp", dist.group.WORLD, ranks, CommLedger(), backend="nccl")
+    gloo = CommGroup("sp", dist.group.WORLD, ranks, CommLedger())
+    cpu, elsewhere = torch.ones(4), torch.ones(4, device="meta")  # meta: a stand-in for a CUDA tensor here
+    calls = {
+        "nccl all_reduce": lambda: as_nccl.all_reduce(cpu),
+        "nccl all_gather": lambda: as_nccl.all_gather(cpu),
+        "nccl reduce_scatter": lambda: as_nccl.reduce_scatter(torch.ones(2 * len(ranks))),
+        "nccl all_to_all": lambda: as_nccl.all_to_all_single(torch.empty(2 * len(ranks)), torch.ones(2 * len(ranks))),
+        "nccl broadcast": lambda: as_nccl.broadcast(cpu),
+        "nccl batch_isend_irecv": lambda: as_nccl.batch_isend_irecv([P2P("send", cpu, 1)]),
+        "gloo all_reduce": lambda: gloo.all_reduce(elsewhere),
+        "gloo send": lambda: gloo.send(elsewhere, 1),
+    }
+    messages = {}
+    for name, call in calls.items():
+        try:
+            call()
+            messages[name] = None
+        except Exception as err:  # noqa: BLE001 - the test inspects what was raised
+            messages[name] = (type(err).__name__, str(err))
+    gloo.all_reduce(cpu)  # the right device still works after the refusals (nothing was left half-sent)
+    return messages, cpu.tolist(), gloo.device_type
+
+
+def test_comm_group_refuses_tensors_on_the_wrong_device():
+    for rank, (messages, reduced, device_type) in enumerate(run_distributed(_device_refusals, 2)):
+        assert device_type == "cpu" and reduced == [2.0] * 4
+        for name, outcome in messages.items():
+            assert outcome is not None, f"{name} was not refused"
+            kind, text = outcome
+            group, op = ("dp", name.split()[1]) if name.startswith("nccl") else ("sp", name.split()[1])
+            assert kind == "CommError" and "\n" not in text
+            assert text.startswith(f"rank {rank}: ") and f"group '{group}'" in text
+            assert op.split("_")[0] in text and ("cpu tensor" in text or "meta tensor" in text)

@@ -3,8 +3,10 @@
 Every collective and P2P call the project itself makes goes through a CommGroup, so that
 (1) the `CommLedger` can account for bytes and calls per group and operation, (2) a group of
 size 1 never communicates, and (3) a failed or timed-out call raises an error naming the rank,
-the group and the operation instead of a bare gloo/NCCL message. Peers are given as ranks
-*within the group*; the wrapper translates them to global ranks.
+the group and the operation instead of a bare gloo/NCCL message, and (4) a tensor on the wrong
+device for the group's backend (a CPU tensor on NCCL, a CUDA tensor on a CPU-only gloo group) is
+refused with one line before the backend sees it. Peers are given as ranks *within the group*; the
+wrapper translates them to global ranks.
 """
 
 from __future__ import annotations
@@ -52,16 +54,40 @@ class _DoneWork:
         return None
 
 
-class CommGroup:
-    """A process group with a name, a ledger and group-local peer addressing."""
+# The device type each backend's collectives accept. gloo is used for CPU process groups only here
+# (NCCL serves CUDA), so a CUDA tensor on a gloo group is a mistake even where gloo could copy it.
+BACKEND_DEVICES = {"nccl": "cuda", "gloo": "cpu"}
 
-    def __init__(self, name: str, pg: dist.ProcessGroup | None, ranks: Sequence[int], ledger: CommLedger) -> None:
+
+class CommGroup:
+    """A process group with a name, a ledger and group-local peer addressing.
+
+    `backend` defaults to the process group's own ("gloo", "nccl", ...); every tensor handed to a call
+    must live on that backend's device type (see BACKEND_DEVICES).
+    """
+
+    def __init__(self, name: str, pg: dist.ProcessGroup | None, ranks: Sequence[int], ledger: CommLedger,
+                 backend: str | None = None) -> None:
         self.name = name
         self.pg = pg
         self.ranks = list(ranks)  # global ranks, in group-rank order
         self.ledger = ledger
         self.size = len(self.ranks)
         self.rank = self.ranks.index(dist.get_rank()) if dist.is_initialized() and self.size > 1 else 0
+        if backend is None and pg is not None and self.size > 1:
+            backend = str(dist.get_backend(pg))
+        self.device_type = BACKEND_DEVICES.get(backend or "")
+
+    def _check_device(self, op: str, *tensors: torch.Tensor) -> None:
+        """Refuse, in one line, a tensor the backend cannot take (NCCL rejects CPU tensors deep inside)."""
+        if self.device_type is None:
+            return
+        for tensor in tensors:
+            if tensor.device.type != self.device_type:
+                me = dist.get_rank() if dist.is_initialized() else 0
+                raise CommError(f"rank {me}: {op} on group '{self.name}' (global ranks {self.ranks}) got a "
+                                f"{tensor.device.type} tensor, but this group's backend takes {self.device_type} "
+                                f"tensors; move it to the compute device first")
 
     def __repr__(self) -> str:
         return f"CommGroup({self.name!r}, ranks={self.ranks})"
@@ -85,6 +111,7 @@ class CommGroup:
     def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
         """In-place all-reduce; payload = tensor bytes."""
         if self.size > 1:
+            self._check_device("all_reduce", tensor)
             self.ledger.record(self.name, "all_reduce", _nbytes(tensor))
             self._guard("all_reduce", dist.all_reduce, tensor, op=op, group=self.pg)
         return tensor
@@ -93,6 +120,7 @@ class CommGroup:
         """Concatenate equal-sized shards along `dim`; payload = local shard bytes."""
         if self.size == 1:
             return tensor
+        self._check_device("all_gather", tensor)
         self.ledger.record(self.name, "all_gather", _nbytes(tensor))
         src = tensor.movedim(dim, 0).contiguous()
         out = src.new_empty((self.size * src.shape[0], *src.shape[1:]))
@@ -103,6 +131,7 @@ class CommGroup:
         """Sum over ranks, keep this rank's 1/size slice along `dim`; payload = full input bytes."""
         if self.size == 1:
             return tensor
+        self._check_device("reduce_scatter", tensor)
         self.ledger.record(self.name, "reduce_scatter", _nbytes(tensor))
         src = tensor.movedim(dim, 0).contiguous()
         out = src.new_empty((src.shape[0] // self.size, *src.shape[1:]))
@@ -120,6 +149,7 @@ class CommGroup:
         if self.size == 1:
             output.copy_(input)
             return output
+        self._check_device("all_to_all", output, input)
         self.ledger.record(self.name, "all_to_all", _nbytes(input))
         self._guard(
             "all_to_all", dist.all_to_all_single, output, input,
@@ -130,6 +160,7 @@ class CommGroup:
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Broadcast from group-local rank `src`; payload = tensor bytes."""
         if self.size > 1:
+            self._check_device("broadcast", tensor)
             self.ledger.record(self.name, "broadcast", _nbytes(tensor))
             self._guard("broadcast", dist.broadcast, tensor, src=self._global(src), group=self.pg)
         return tensor
@@ -141,10 +172,12 @@ class CommGroup:
 
     # --- point to point --------------------------------------------------------------
     def send(self, tensor: torch.Tensor, peer: int) -> None:
+        self._check_device("send", tensor)
         self.ledger.record(self.name, "send", _nbytes(tensor))
         self._guard("send", dist.send, tensor.contiguous(), dst=self._global(peer), group=self.pg)
 
     def recv(self, tensor: torch.Tensor, peer: int) -> torch.Tensor:
+        self._check_device("recv", tensor)
         self.ledger.record(self.name, "recv", _nbytes(tensor))
         self._guard("recv", dist.recv, tensor, src=self._global(peer), group=self.pg)
         return tensor
@@ -157,6 +190,7 @@ class CommGroup:
         for item in ops:
             if item.kind not in ("send", "recv"):
                 raise ValueError(f"P2P kind must be 'send' or 'recv', got {item.kind!r}")
+            self._check_device(f"batch_isend_irecv {item.kind}", item.tensor)
             self.ledger.record(self.name, item.kind, _nbytes(item.tensor))
             fn = dist.isend if item.kind == "send" else dist.irecv
             p2p_ops.append(dist.P2POp(fn, item.tensor, self._global(item.peer), group=self.pg))
