@@ -1,7 +1,9 @@
 """`meshweave ckpt list DIR` / `meshweave ckpt verify DIR`: what is in a checkpoint directory and is it intact.
 
 DIR is a level directory (holding step_* directories and `latest`) or one checkpoint directory.
-Nothing is unpickled: only manifests (JSON) are parsed and files are checksummed.
+Nothing is unpickled: `list` parses manifests and DCP metadata (JSON, through `storage`: a pickled
+`.metadata` is reported as "bad metadata", never loaded); `verify` also checksums every file and
+checks the contents of each intact one (`contents.verify`), as the loader does before it loads.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshweave.checkpoint import layout
+from meshweave.checkpoint import contents, layout, storage
 
 
 @dataclass
@@ -22,12 +24,14 @@ class CheckpointInfo:
 
     step: int
     path: str
-    status: str  # "committed", "incomplete" (save killed mid-way) or "bad manifest"
+    status: str  # "committed", "incomplete" (save killed mid-way), "bad manifest" or "bad metadata"
     is_latest: bool = False
     world_size: int | None = None
     files: int = 0
     bytes: int = 0
     created_unix: float | None = None
+    tensors: int | None = None  # tensors in the DCP metadata
+    problem: str | None = None  # why the status is "bad ..."
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[CheckpointInfo]:
@@ -47,22 +51,27 @@ def _committed_info(directory: Path, step: int, latest: int | None) -> Checkpoin
     info = CheckpointInfo(step, str(path), "committed", is_latest=step == latest)
     try:
         manifest = layout.read_manifest(path)
-    except layout.ManifestError:
-        info.status = "bad manifest"
+    except layout.ManifestError as err:
+        info.status, info.problem = "bad manifest", str(err)
         return info
     info.world_size, info.created_unix = manifest.get("world_size"), manifest.get("created_unix")
     info.files = len(manifest["files"])
     info.bytes = sum(int(f["size"]) for f in manifest["files"].values())
+    try:
+        info.tensors = len(storage.read_metadata_file(path / layout.DCP_METADATA).state_dict_metadata)
+    except (OSError, storage.MetadataFormatError) as err:
+        info.status, info.problem = "bad metadata", str(err)
     return info
 
 
 def verify_checkpoint(path: str | os.PathLike) -> list[str]:
-    """Problems of one checkpoint directory (missing/truncated/corrupt files, bad manifest); [] if intact."""
+    """Problems of one checkpoint directory (bad manifest; missing, truncated or corrupt files; contents
+    that are not what a meshweave save writes); [] if intact."""
     try:
         manifest = layout.read_manifest(path)
     except layout.ManifestError as err:
         return [str(err)]
-    return layout.verify_files(path, manifest)
+    return contents.verify(path, manifest)
 
 
 def _is_checkpoint_dir(path: Path) -> bool:
@@ -70,13 +79,15 @@ def _is_checkpoint_dir(path: Path) -> bool:
 
 
 def _format_table(infos: list[CheckpointInfo]) -> str:
-    rows = [("step", "status", "latest", "ranks", "files", "MiB", "created (UTC)", "path")]
+    rows = [("step", "status", "latest", "ranks", "files", "tensors", "MiB", "created (UTC)", "path")]
     for i in infos:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(i.created_unix)) if i.created_unix else "-"
         rows.append((str(i.step), i.status, "*" if i.is_latest else "", str(i.world_size or "-"), str(i.files),
-                     f"{i.bytes / 2**20:.2f}", created, i.path))
+                     "-" if i.tensors is None else str(i.tensors), f"{i.bytes / 2**20:.2f}", created, i.path))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+    table = "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+    notes = [f"step {i.step}: {i.problem}" for i in infos if i.problem]
+    return "\n".join([table, *notes])
 
 
 def _cmd_list(directory: Path) -> int:

@@ -2,12 +2,15 @@
 
     <level dir>/
       step_000000010/            a committed checkpoint (renamed into place only when complete)
-        .metadata, __0_0.distcp  DCP files (tensors; layout-independent, resharded on load)
+        .metadata, __0_0.distcp  DCP files (tensors; layout-independent, resharded on load), written
+                                 by `storage`: JSON metadata and raw tensor bytes, never pickles
         plain/replicated.json    rank-0 state (data position, optimizer hyper-parameters), JSON
         plain/rank_00000.json    per-rank small state (RNG, step, scheduler), JSON
         manifest.json            written last: step, world size, every file's size and CRC32
       .tmp-step_000000012/       a save in progress (or one killed mid-way: ignored, then removed)
       latest                     JSON {"step": 10, "dir": "step_000000010"}, moved after commit
+
+A manifest's checksums detect damage, not forgery: `contents` also checks what each file holds.
 
 Commit order: data files (fsynced by DCP) -> plain JSON -> manifest (tmp + fsync + rename) ->
 rename of the directory (+ fsync of the parent) -> `latest` -> removal of old checkpoints. A crash
@@ -106,27 +109,59 @@ def read_manifest(ckpt_dir: str | Path) -> dict[str, Any]:
         raise ManifestError(f"{path}: unreadable ({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ManifestError(f"{path}: not a {FORMAT} manifest")
-    if not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("step"), int):
-        raise ManifestError(f"{path}: malformed (no step or file list)")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise ManifestError(f"{path}: malformed ({problem})")
     return manifest
 
 
+def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What makes a parsed manifest unusable (wrong types, unsafe file names), or None."""
+    if not isinstance(manifest.get("files"), dict) or not _is_count(manifest.get("step")):
+        return "no step or file list"
+    if not _is_count(manifest.get("world_size")) or manifest["world_size"] < 1:
+        return "no world size"
+    for name, meta in manifest["files"].items():
+        if not is_safe_name(name):
+            return f"file name {name!r} is not a relative path inside the checkpoint"
+        if not isinstance(meta, dict) or not _is_count(meta.get("size")) or not isinstance(meta.get("crc32"), str) \
+                or not _is_count(meta.get("rank", 0)):
+            return f"the entry of {name} is not {{size, crc32, rank}}"
+    return None
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def is_safe_name(name: str) -> bool:
+    """A relative POSIX path with no empty, "." or ".." part (it cannot leave the checkpoint directory)."""
+    return bool(name) and "\\" not in name and not name.startswith("/") and \
+        all(part not in ("", ".", "..") for part in name.split("/"))
+
+
 def verify_files(ckpt_dir: str | Path, manifest: dict[str, Any], names: list[str] | None = None) -> list[str]:
-    """Problems found checking the listed files (default: all, plus completeness) against the manifest."""
+    """Problems found checking the listed files (default: all, plus completeness) against the manifest.
+
+    Sizes and checksums only: `contents.verify` also checks what the files hold.
+    """
     files = manifest["files"]
     problems = structure_problems(ckpt_dir, manifest) if names is None else []
     for name in files if names is None else names:
-        problems += _verify_one(Path(ckpt_dir), name, files[name])
+        problems += verify_one(ckpt_dir, name, files[name])
     return problems
 
 
 def structure_problems(ckpt_dir: str | Path, manifest: dict[str, Any]) -> list[str]:
-    """Problems with what the manifest lists (not the file contents): a checkpoint needs DCP metadata."""
-    return [] if DCP_METADATA in manifest["files"] else [f"{ckpt_dir}: manifest lists no DCP {DCP_METADATA} file"]
+    """Files a checkpoint needs that its manifest does not list: DCP metadata, and the plain state of every rank."""
+    needed = [DCP_METADATA, REPLICATED_PLAIN] + [per_rank_plain_name(r) for r in range(manifest["world_size"])]
+    return [f"{ckpt_dir}: manifest lists no {name} (a checkpoint needs it)" for name in needed
+            if name not in manifest["files"]]
 
 
-def _verify_one(ckpt_dir: Path, name: str, expect: dict[str, Any]) -> list[str]:
-    path = ckpt_dir / name
+def verify_one(ckpt_dir: str | Path, name: str, expect: dict[str, Any]) -> list[str]:
+    """Problems of one file against its manifest entry: missing, wrong size or wrong checksum."""
+    path = Path(ckpt_dir) / name
     if not path.is_file():
         return [f"{path}: missing"]
     size = path.stat().st_size

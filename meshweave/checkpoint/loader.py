@@ -3,13 +3,13 @@
 Candidates are the committed step directories of every disk level, newest first (for equal steps the
 faster level first), plus the in-memory snapshot when every rank holds the same one. Rank 0 lists the
 candidates and broadcasts them; every rank verifies a strided share of each candidate's files against
-its manifest and the problem counts are summed, so all ranks take the same decision. A candidate with
-any problem is skipped with a warning naming the bad files.
+its manifest (sizes and checksums, then contents: see `contents`) and the problem counts are summed,
+so all ranks take the same decision. A candidate with any problem is skipped with a warning naming
+the bad files. Loading reads DCP's files through `storage.SafeFileSystemReader`: nothing is unpickled.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
-from meshweave.checkpoint import layout
+from meshweave.checkpoint import contents, layout
 from meshweave.checkpoint.comms import CheckpointComms
 from meshweave.checkpoint.entries import CheckpointLoadError, EntryKinds, copy_into, restore
 from meshweave.checkpoint.settings import CheckpointSettings
 from meshweave.checkpoint.state import Stateful, split_tensors
+from meshweave.checkpoint.storage import SafeFileSystemReader
 from meshweave.checkpoint.writer import SavePayload
 
 log = logging.getLogger(__name__)
@@ -51,14 +51,15 @@ def disk_candidates(cfg: CheckpointSettings) -> list[Candidate]:
 
 
 def verify_share(path: str, rank: int, world_size: int) -> list[str]:
-    """Problems in this rank's share (every world_size-th file) of a checkpoint; manifest problems on every rank."""
+    """Problems in this rank's share (every world_size-th file: sizes, checksums, contents) of a checkpoint;
+    manifest problems on every rank, missing files on rank 0."""
     try:
         manifest = layout.read_manifest(path)
     except layout.ManifestError as err:
         return [str(err)]
     names = sorted(manifest["files"])[rank::world_size]
     problems = layout.structure_problems(path, manifest) if rank == 0 else []
-    return problems + layout.verify_files(path, manifest, names)
+    return problems + contents.verify(path, manifest, names)
 
 
 def choose(comms: CheckpointComms, cfg: CheckpointSettings, memory_step: int | None) -> Candidate | None:
@@ -96,14 +97,18 @@ def load_from_dir(comms: CheckpointComms, kinds: EntryKinds, path: str, app_stat
     flat = kinds.dcp_flat(app_state)
     tensors, _ = split_tensors(flat)
     try:
-        dcp.load(tensors, storage_reader=FileSystemReader(path), process_group=comms.pg, no_dist=not comms.distributed)
+        dcp.load(tensors, storage_reader=SafeFileSystemReader(path), process_group=comms.pg, no_dist=not comms.distributed)
     except (Exception, CheckpointException) as err:  # noqa: BLE001 - DCP raises it on every rank alike
         cause = [line for line in str(err).splitlines() if line.strip()][-1]
         raise CheckpointLoadError(f"checkpoint {path} is intact but does not fit the state being restored "
                                   f"(different model or optimizer?): {cause}") from err
     flat.update(tensors)
-    replicated = _read_json(Path(path) / layout.REPLICATED_PLAIN)
-    per_rank = _read_json(Path(path) / layout.per_rank_plain_name(_plain_rank(manifest, comms, path)))
+    try:  # verified before; read through the same checks in case the files changed since
+        replicated = contents.read_plain(Path(path) / layout.REPLICATED_PLAIN, layout.REPLICATED_PLAIN)
+        rank_name = layout.per_rank_plain_name(_plain_rank(manifest, comms, path))
+        per_rank = contents.read_plain(Path(path) / rank_name, rank_name)
+    except (OSError, contents.PlainStateFormatError) as err:
+        raise CheckpointLoadError(f"checkpoint {path} changed after it was verified: {err}") from err
     restore(kinds, app_state, flat, replicated["sharded_plain"], replicated["entries"], per_rank["entries"], path)
 
 
@@ -115,11 +120,6 @@ def _plain_rank(manifest: dict[str, Any], comms: CheckpointComms, path: str) -> 
         log.warning("checkpoint %s was saved by %d ranks, loading on %d: per-rank state (RNG, ...) comes from "
                     "saved rank 0 on every rank", path, saved, comms.world_size)
     return 0
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)
 
 
 def load_from_memory(kinds: EntryKinds, snapshot: SavePayload, replicated: dict[str, Any],

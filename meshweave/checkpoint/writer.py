@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
 from meshweave.checkpoint import layout
 from meshweave.checkpoint.comms import CheckpointComms
 from meshweave.checkpoint.crash import maybe_crash
+from meshweave.checkpoint.storage import SafeFileSystemWriter
 
 log = logging.getLogger(__name__)
 # On one process we call DCP without a process group on purpose; its per-call warning about that is noise.
@@ -44,11 +44,11 @@ class SavePayload:
     sharded_plain: dict[str, Any] = field(default_factory=dict)  # non-tensor leaves of DCP entries
 
 
-class _RecordingWriter(FileSystemWriter):
-    """FileSystemWriter that remembers which files this rank wrote (and can crash right after)."""
+class _RecordingWriter(SafeFileSystemWriter):
+    """SafeFileSystemWriter (no pickles) that remembers which files this rank wrote (and can crash right after)."""
 
     def __init__(self, path: Path, level: str, step: int, rank: int) -> None:
-        super().__init__(path, single_file_per_rank=True, sync_files=True)
+        super().__init__(path, sync_files=True)
         self.written: set[str] = set()
         self._level, self._step, self._rank = level, step, rank
 
