@@ -18,26 +18,8 @@ from typing import Any
 
 import torch
 
+from meshweave.attention.usp import usp_attention
 from meshweave.core.comm import CommGroup, single_process_group
-
-
-def replicate_kv_heads(k: torch.Tensor, v: torch.Tensor, degree: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Repeat kv heads (dim 2) so that `degree` divides their count (needs degree % H_kv == 0)."""
-    h_kv = k.shape[2]
-    if h_kv % degree == 0:
-        return k, v
-    if degree % h_kv:
-        raise ValueError(f"ulysses needs kv heads ({h_kv}) divisible by, or dividing, the ulysses degree ({degree})")
-    rep = degree // h_kv
-    return k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
-
-
-def gather_sequence_ids(ids: torch.Tensor | None, group: CommGroup) -> torch.Tensor | None:
-    """(B, S_local) ids of every rank of `group`, concatenated along the sequence in rank order.
-
-    Communicates: one all_gather (none when ids is None or the group has size 1).
-    """
-    return None if ids is None else group.all_gather(ids.contiguous(), dim=1)
 
 
 def ulysses_attention(
@@ -56,7 +38,5 @@ def ulysses_attention(
     Ulysses is USP with a ring of one rank: after the all-to-all each rank holds whole sequences
     for its heads, and attends locally (zigzag over a single rank is the contiguous order).
     """
-    from meshweave.attention.usp import usp_attention  # usp builds on this module's helpers
-
     local = single_process_group(f"{group.name}/local", group.ledger)
     return usp_attention(q, k, v, group, local, causal, scale, document_ids, backend, cache)

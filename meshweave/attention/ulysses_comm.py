@@ -63,3 +63,22 @@ def seq_to_head(x: torch.Tensor, group: CommGroup) -> torch.Tensor:
 def head_to_seq(x: torch.Tensor, group: CommGroup) -> torch.Tensor:
     """(B, S_local * P, H / P, D) -> (B, S_local, H, D). One all_to_all forward, one backward."""
     return x if group.size == 1 else _HeadToSeq.apply(x, group)
+
+
+def replicate_kv_heads(k: torch.Tensor, v: torch.Tensor, degree: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repeat kv heads (dim 2) so that `degree` divides their count (needs degree % H_kv == 0)."""
+    h_kv = k.shape[2]
+    if h_kv % degree == 0:
+        return k, v
+    if degree % h_kv:
+        raise ValueError(f"ulysses needs kv heads ({h_kv}) divisible by, or dividing, the ulysses degree ({degree})")
+    rep = degree // h_kv
+    return k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+
+
+def gather_sequence_ids(ids: torch.Tensor | None, group: CommGroup) -> torch.Tensor | None:
+    """(B, S_local) ids of every rank of `group`, concatenated along the sequence in rank order.
+
+    Communicates: one all_gather (none when ids is None or the group has size 1).
+    """
+    return None if ids is None else group.all_gather(ids.contiguous(), dim=1)

@@ -20,8 +20,7 @@ import torch
 
 from meshweave.attention.layout import zigzag_segments
 from meshweave.attention.ring import cached, ring_attention
-from meshweave.attention.ulysses import gather_sequence_ids, replicate_kv_heads
-from meshweave.attention.ulysses_comm import head_to_seq, seq_to_head
+from meshweave.attention.ulysses_comm import gather_sequence_ids, head_to_seq, replicate_kv_heads, seq_to_head
 from meshweave.core.comm import CommGroup
 
 
