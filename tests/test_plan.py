@@ -54,3 +54,52 @@ def test_bubble_fraction_formulas():
     assert bubble_fraction("1f1b", 4, 12, 1) == 3 / 15
     assert bubble_fraction("interleaved1f1b", 4, 12, 2) == 3 / 27
     assert bubble_fraction("gpipe", 1, 12, 1) == 0.0
+
+
+def _meshweave(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "meshweave", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_pipeline_microbatches_are_picked_to_fit_and_plan_says_so():
+    from meshweave.train.validate import resolve_defaults, validate
+
+    cfg = load_config(None, ["parallel.pp=4", "train.global_batch=16"])  # microbatches left to meshweave
+    assert cfg.parallel.microbatches == 0 and validate(cfg, 8) == []
+    resolved = resolve_defaults(cfg, 8)  # dp 2: 8 rows per rank; the fewest >= pp that divide them: 4
+    assert resolved.parallel.microbatches == 4
+    assert resolve_defaults(load_config(None, ["parallel.pp=2", "train.global_batch=9"]), 2).parallel.microbatches == 3
+    proc = _meshweave("plan", "--world-size", "8", "--set", "parallel.pp=4", "--set", "train.global_batch=16")
+    assert proc.returncode == 0, proc.stderr
+    assert "pipeline: 1f1b, 4 microbatches" in proc.stdout and "picked: parallel.microbatches: 4" in proc.stdout
+
+
+def test_usp_degrees_are_picked_from_the_heads():
+    from meshweave.train.validate import resolve_defaults, validate
+
+    # 8 heads, 2 kv heads, sp 8: Ulysses may go up to 8 (kv heads replicate), the ring takes the rest
+    cfg = load_config(None, ["parallel.sp=8", "parallel.sp_method=usp", "model.n_kv_heads=2"])
+    assert validate(cfg, 8) == []
+    assert (resolve_defaults(cfg, 8).parallel.usp.ulysses, resolve_defaults(cfg, 8).parallel.usp.ring) == (8, 1)
+    # 6 heads (dim 384), sp 4: 4 does not divide 6, so Ulysses 2 x ring 2
+    cfg = load_config(None, ["parallel.sp=4", "parallel.sp_method=usp", "model.dim=384", "model.n_heads=6",
+                             "model.n_kv_heads=2", "train.seq_len=256"])
+    usp = resolve_defaults(cfg, 4).parallel.usp
+    assert (usp.ulysses, usp.ring) == (2, 2) and validate(cfg, 4) == []
+    given = load_config(None, ["parallel.sp=4", "parallel.sp_method=usp", "parallel.usp.ulysses=1"])
+    assert (resolve_defaults(given, 4).parallel.usp.ulysses, resolve_defaults(given, 4).parallel.usp.ring) == (1, 4)
+
+
+def test_plan_and_config_do_not_import_torch():
+    code = ("import sys; from meshweave.launch.cli import main; "
+            "assert main(['plan', '--world-size', '8', '--set', 'parallel.tp=2', '--set', 'parallel.pp=2']) == 0; "
+            "assert main(['config']) == 0; "
+            "loaded = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
+            "assert not loaded, loaded")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_plan_into_a_closed_pipe_ends_quietly():
+    proc = subprocess.run(f"{sys.executable} -m meshweave plan --world-size 64 --set train.global_batch=64 | head -n 1", shell=True,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.startswith("mesh (pp, dp, sp, tp)") and proc.stderr == ""

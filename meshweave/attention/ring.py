@@ -19,21 +19,26 @@ KV = 2 * B * H_kv * S_local * D):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 
 from meshweave.attention.local import accum_dtype, block_backward, block_forward
 from meshweave.attention.masks import BlockCall, Segment, plan_block
 from meshweave.attention.merge import PartialAccumulator
-from meshweave.attention.ring_comm import gather_shards, next_rank, prev_rank, start_exchange
+from meshweave.attention.ring_comm import (
+    next_rank,
+    prev_rank,
+    start_exchange,
+)
 from meshweave.core.comm import CommGroup
+from meshweave.models.attention_api import BatchCache
 
 Plan = list[BlockCall]
 T = TypeVar("T")
 
 
-def cached(cache: dict[Any, Any] | None, key: tuple, compute: Callable[[], T]) -> T:
+def cached(cache: BatchCache | None, key: tuple, compute: Callable[[], T]) -> T:
     """compute() once per batch: the result is kept in the batch's attention cache (AttentionMeta.cache),
     so the document-id exchange and the mask plans (host work) are done by the first layer only."""
     if cache is None:
@@ -44,17 +49,25 @@ def cached(cache: dict[Any, Any] | None, key: tuple, compute: Callable[[], T]) -
 
 
 def ring_plans(kind: str, group: CommGroup, segments: Sequence[Sequence[Segment]], causal: bool,
-               document_ids: torch.Tensor | None, cache: dict[Any, Any] | None) -> list[Plan]:
+               document_ids: torch.Tensor | None, cache: BatchCache | None) -> list[Plan]:
     """Per-step plans of a ring-style method ("ring": K/V travel; "tokenring": Q travels), once per batch.
 
-    Communicates: one all_gather of document ids over `group` (when given), on the first call of a batch.
+    Planning is host work over document-id runs: the gathered ids are copied to the host in one transfer
+    (the batch's only device-to-host read), planned there, and dense masks go back to the device
+    without waiting. Communicates: one all_gather of document ids over `group` (when given), on the
+    first call of a batch.
     """
     def compute() -> list[Plan]:
-        docs = gather_shards(document_ids, group) if document_ids is not None else None
+        docs = None
+        if document_ids is not None:
+            docs = list(group.all_gather(document_ids.contiguous(), dim=0).cpu().chunk(group.size))
         r, p = group.rank, group.size
         if kind == "ring":
-            return step_plans(group, lambda s: r, lambda s: (r - s) % p, segments, causal, docs)
-        return step_plans(group, lambda s: (r - s) % p, lambda s: r, segments, causal, docs)
+            plans = step_plans(group, lambda s: r, lambda s: (r - s) % p, segments, causal, docs)
+        else:
+            plans = step_plans(group, lambda s: (r - s) % p, lambda s: r, segments, causal, docs)
+        device = document_ids.device if document_ids is not None else torch.device("cpu")
+        return [[_mask_to(call, device) for call in plan] for plan in plans]
 
     key = (kind, group.name, tuple(group.ranks), tuple(map(tuple, segments)), causal)
     return cached(cache, key, compute)
@@ -74,6 +87,12 @@ def step_plans(
         qo, ko = q_owner_of_step(s), kv_owner_of_step(s)
         plans.append(plan_block(segments[qo], segments[ko], causal, docs[qo] if docs else None, docs[ko] if docs else None))
     return plans
+
+
+def _mask_to(call: BlockCall, device: torch.device) -> BlockCall:
+    if not isinstance(call.mask, torch.Tensor) or call.mask.device == device:
+        return call
+    return BlockCall(call.q_rows, call.k_rows, call.mask.to(device, non_blocking=True), call.batch)
 
 
 def attend_block(q, k, v, plan: Plan, acc: PartialAccumulator, scale: float, backend: str) -> None:
@@ -177,7 +196,7 @@ def ring_attention(
     scale: float,
     document_ids: torch.Tensor | None = None,
     backend: str = "auto",
-    cache: dict[Any, Any] | None = None,
+    cache: BatchCache | None = None,
 ) -> torch.Tensor:
     """Ring attention of this rank's q (B,H,S,D) over every rank's k, v (B,H_kv,S,D); returns out (B,H,S,D).
 

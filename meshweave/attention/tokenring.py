@@ -23,16 +23,22 @@ Communication per call (Qe = B*H*S_local*D elements; e = input, a = accumulation
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
 from meshweave.attention.local import accum_dtype
 from meshweave.attention.masks import Segment
 from meshweave.attention.merge import PartialAccumulator
-from meshweave.attention.ring import Plan, attend_block, attend_block_backward, blockwise_autograd, ring_plans
+from meshweave.attention.ring import (
+    Plan,
+    attend_block,
+    attend_block_backward,
+    blockwise_autograd,
+    ring_plans,
+)
 from meshweave.attention.ring_comm import next_rank, prev_rank, start_exchange
 from meshweave.core.comm import CommGroup
+from meshweave.models.attention_api import BatchCache
 
 _ALL = slice(None)
 
@@ -129,7 +135,7 @@ def tokenring_attention(
     scale: float,
     document_ids: torch.Tensor | None = None,
     backend: str = "auto",
-    cache: dict[Any, Any] | None = None,
+    cache: BatchCache | None = None,
 ) -> torch.Tensor:
     """TokenRing attention of this rank's q (B,H,S,D) over every rank's k, v; returns out (B,H,S,D).
 

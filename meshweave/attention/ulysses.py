@@ -14,12 +14,11 @@ plus 1 all_gather of document ids when they are given.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from meshweave.attention.usp import usp_attention
 from meshweave.core.comm import CommGroup, single_process_group
+from meshweave.models.attention_api import BatchCache
 
 
 def ulysses_attention(
@@ -31,7 +30,7 @@ def ulysses_attention(
     scale: float,
     document_ids: torch.Tensor | None = None,
     backend: str = "auto",
-    cache: dict[Any, Any] | None = None,
+    cache: BatchCache | None = None,
 ) -> torch.Tensor:
     """q (B,S_local,H,D), k/v (B,S_local,H_kv,D) in the contiguous layout -> out (B,S_local,H,D).
 

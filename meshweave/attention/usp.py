@@ -14,14 +14,19 @@ ids: one all_gather on each group.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
 from meshweave.attention.layout import zigzag_segments
 from meshweave.attention.ring import cached, ring_attention
-from meshweave.attention.ulysses_comm import gather_sequence_ids, head_to_seq, replicate_kv_heads, seq_to_head
+from meshweave.attention.ulysses_comm import (
+    gather_sequence_ids,
+    head_to_seq,
+    replicate_kv_heads,
+    seq_to_head,
+)
 from meshweave.core.comm import CommGroup
+from meshweave.models.attention_api import BatchCache
 
 
 def usp_rank_groups(sp_ranks: Sequence[int], ulysses_degree: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -49,7 +54,7 @@ def usp_attention(
     scale: float,
     document_ids: torch.Tensor | None = None,
     backend: str = "auto",
-    cache: dict[Any, Any] | None = None,
+    cache: BatchCache | None = None,
 ) -> torch.Tensor:
     """q (B,S_local,H,D), k/v (B,S_local,H_kv,D) in the usp layout -> out (B,S_local,H,D).
 

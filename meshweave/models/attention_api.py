@@ -19,6 +19,32 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class BatchCache:
+    """Work computed once per (micro)batch and reused by every layer, keyed by the op that made it.
+
+    Not a dict on purpose: FSDP2 and activation checkpointing rebuild their arguments' containers
+    (dicts, lists, dataclasses) layer by layer, which would hand each layer an empty copy; an object
+    of its own type travels through them by reference.
+    """
+
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        self._entries: dict[Any, Any] = {}
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._entries
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._entries[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._entries[key] = value
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self._entries.get(key, default)
+
+
 @dataclass
 class AttentionMeta:
     """Per-forward facts an attention op needs besides q, k, v.
@@ -33,7 +59,7 @@ class AttentionMeta:
 
     document_ids: torch.Tensor | None = None
     causal: bool = True
-    cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    cache: BatchCache = field(default_factory=BatchCache, repr=False, compare=False)
 
 
 class AttentionOp(Protocol):
