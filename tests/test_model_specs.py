@@ -9,7 +9,6 @@ mixer without the backward all-reduce changes losses at the 1e-2 level (checked 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from meshweave.models.registry import model_spec
 from meshweave.testing import run_distributed

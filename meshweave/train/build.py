@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from meshweave.core.comm import CommLedger
 from meshweave.core.dims import ParallelDims
-from meshweave.core.mesh import Mesh, build_mesh, device_type_for
+from meshweave.core.mesh import build_mesh, device_type_for
 from meshweave.core.schema import Config
 from meshweave.data.text import DistributedSampler, build_dataset
 from meshweave.models.registry import model_spec
