@@ -23,11 +23,7 @@ from meshweave.core.comm import CommLedger
 from meshweave.core.mesh import Mesh
 from meshweave.models.spec import ModelSpec
 from meshweave.parallel.pipeline_comm import CountedPipelineStage
-from meshweave.parallel.pipeline_split import split_by_cost, split_even, split_layers
 from meshweave.parallel.schedules import schedule_class, stage_ids_of_rank, stage_style
-
-__all__ = ["apply_pipeline_replicate", "build_schedule", "split_by_cost", "split_even", "split_layers", "split_model"]
-
 
 def split_model(spec: ModelSpec, model: nn.Module, pp_rank: int, pp: int, virtual: int, schedule: str,
                 stage_layers: list[list[int]]) -> tuple[list[int], list[nn.Module]]:
