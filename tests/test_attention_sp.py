@@ -165,7 +165,7 @@ def check_case(case: Case, p: int, shards: list[dict]) -> None:
         assert shard["bwd"] == bwd, f"{case} backward traffic {shard['bwd']} != {bwd}"
 
 
-@pytest.mark.parametrize("p", [1, 2, 4])
+@pytest.mark.parametrize("p", [1, 2, pytest.param(4, marks=pytest.mark.slow)])
 def test_every_method_matches_single_process_reference(p):
     cases = _cases(p)
     methods = {c.method for c in cases}
@@ -174,6 +174,7 @@ def test_every_method_matches_single_process_reference(p):
         check_case(case, p, shards)
 
 
+@pytest.mark.slow
 def test_eight_ranks_ring_and_tokenring():
     cases = [Case(m, causal, 2, docs, "float64", tokens_per_rank=4) for m in ("ring", "tokenring")
              for causal, docs in ((True, True), (False, False), (True, False))]

@@ -82,6 +82,7 @@ def crashed_runs(tmp_path_factory) -> dict[str, tuple[Path, Path, int, str]]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", sorted(CRASH_POINTS))
 def test_kill_during_save_resumes_from_newest_complete(crashed_runs, reference, point):
     ref_losses, ref_states = reference
@@ -103,6 +104,7 @@ def test_kill_during_save_resumes_from_newest_complete(crashed_runs, reference, 
     assert not [n for n in os.listdir(local) if n.startswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_restarted_subprocess_finishes_with_uninterrupted_losses(tmp_path, reference):
     local, shared = tmp_path / "local", tmp_path / "shared"
     assert _run_saver(local, shared, "before_manifest:local@4").returncode == -9

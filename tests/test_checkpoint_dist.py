@@ -91,6 +91,7 @@ def _load_sharded(directory: str) -> dict:
             "rng": torch.get_rng_state(), "lr": run.opt.param_groups[0]["lr"]}
 
 
+@pytest.mark.slow
 def test_save_on_four_ranks_load_on_two_full_tensor_equality(tmp_path):
     saved = run_distributed(_save_sharded, 4, str(tmp_path), 3, timeout=300)
     loaded = run_distributed(_load_sharded, 2, str(tmp_path), timeout=300)
@@ -156,6 +157,7 @@ def _state_after(steps: int) -> dict:
     return full_state(run)
 
 
+@pytest.mark.slow
 def test_rank_killed_mid_save_leaves_previous_checkpoint_in_force(tmp_path):
     from meshweave.testing import DistributedTestError
 

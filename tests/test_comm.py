@@ -66,6 +66,7 @@ def _fails_on_rank_one():
     return "unreachable"
 
 
+@pytest.mark.slow
 def test_harness_reports_failing_rank_traceback_and_recovers():
     with pytest.raises(DistributedTestError) as info:
         run_distributed(_fails_on_rank_one, 2, timeout=60)
@@ -81,6 +82,7 @@ def _hang_on_rank_zero():
     return True
 
 
+@pytest.mark.slow
 def test_harness_watchdog_names_hung_rank():
     with pytest.raises(DistributedTestError) as info:
         run_distributed(_hang_on_rank_zero, 2, timeout=3)

@@ -38,6 +38,7 @@ def test_detect_launch_environment():
     assert env["MASTER_ADDR"] == "n3" and env["MASTER_PORT"] == str(20000 + 1234)
 
 
+@pytest.mark.slow
 def test_embedded_default_run_completes(tmp_path):
     """`meshweave train` with no config: built-in model and corpus, 2 local processes (steps shortened)."""
     proc = _run([sys.executable, "-m", "meshweave", "train", "--set", f"run_dir={tmp_path}", *SHORT])
@@ -53,6 +54,7 @@ def test_embedded_default_run_completes(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_torchrun_launch_matches_standalone(tmp_path):
     cfg = tmp_path / "dp2.yaml"
     cfg.write_text("version: 1\nparallel: {dp: 2, dp_mode: ddp}\n")
@@ -67,6 +69,7 @@ def test_torchrun_launch_matches_standalone(tmp_path):
     assert loss(torchrun.stdout) == loss(standalone.stdout) and len(loss(torchrun.stdout)) == 2
 
 
+@pytest.mark.slow
 def test_slurm_environment_launch(tmp_path):
     """What srun gives each task (SLURM_PROCID/NTASKS/LOCALID/NODELIST): two tasks form one job."""
     port = str(free_port())

@@ -65,6 +65,7 @@ def _kill_when_step_logged(cmd: list[str], run_dir: Path, step: int) -> None:
     proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_sigkill_then_resume_gives_identical_losses(layout, tmp_path, tmp_path_factory):
     expected = straight_losses(layout, tmp_path_factory)
@@ -82,6 +83,7 @@ def test_sigkill_then_resume_gives_identical_losses(layout, tmp_path, tmp_path_f
 
 
 
+@pytest.mark.slow
 def test_torchrun_max_restarts_recovers_a_crashed_worker(tmp_path, tmp_path_factory):
     expected = straight_losses("dp2", tmp_path_factory)
     env = {**os.environ, "MESHWEAVE_FAULT": "crash:rank=1:step=7", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}

@@ -8,8 +8,12 @@ root, slurmd refusing to start on a cgroup2-only machine). Every srun/sbatch is 
 import json
 import sys
 
+import pytest
+
 from meshweave.launch.env import free_port
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (module-scoped fixture)
+
+pytestmark = pytest.mark.slow  # a real SLURM cluster: minutes
 
 PY = sys.executable
 TRAIN = [PY, "-m", "meshweave", "train"]

@@ -33,6 +33,7 @@ def test_sp2_each_method_equals_single_process(method, reference):
     assert_same_training(results, reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     ["parallel.sp=2", "parallel.dp=2", "parallel.sp_method=ring", "parallel.dp_mode=fsdp"],
     ["parallel.sp=2", "parallel.dp=2", "parallel.sp_method=ulysses", "parallel.dp_mode=ddp"],

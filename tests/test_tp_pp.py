@@ -82,7 +82,12 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# Layouts on 4 or 8 ranks take several times longer on 2 cores: in the full suite only.
+SLOW_CASES = {"dp2-tp2-fsdp", "dp2-pp2-ddp-gpipe", "dp2-pp2-fsdp-1f1b-ac", "tp2-pp2-interleaved1f1b", "sp2-tp2",
+              "sp2-pp2-1f1b", "dp2-tp2-pp2-fsdp-zbv"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_CASES else n for n in CASES])
 def test_layout_equals_single_process(name, reference):
     overrides = CASES[name]
     dims = {k: int(v) for o in overrides for k, v in [o.split("=")] if k in ("parallel.dp", "parallel.tp", "parallel.pp")}
@@ -166,6 +171,7 @@ def test_cli_plan_shows_stages_peers_and_bubble():
     assert row5[6] == "5,7" and row5[8] == "4,5"  # dp peers, tp peers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     layout(2, 2, 1, "parallel.dp_mode=fsdp", "train.dtype=bfloat16"),
     layout(2, 1, 2, "parallel.dp_mode=fsdp", "parallel.microbatches=2", "train.dtype=bfloat16"),

@@ -52,8 +52,8 @@ def measured(res: dict) -> dict[str, int]:
 
 @pytest.mark.parametrize("overrides,world,tp,dp", [
     (["parallel.tp=2"], 2, 2, 1),
-    (["parallel.tp=2", "parallel.pp=2", "parallel.pp_schedule=zbvzerobubble", "parallel.virtual_stages=2",
-      "parallel.microbatches=4"], 4, 2, 1),
+    pytest.param(["parallel.tp=2", "parallel.pp=2", "parallel.pp_schedule=zbvzerobubble", "parallel.virtual_stages=2",
+                  "parallel.microbatches=4"], 4, 2, 1, marks=pytest.mark.slow),
     (["parallel.dp=2", "parallel.pp=2", "parallel.microbatches=2"], 4, 1, 2),
 ], ids=["tp2", "tp2-pp2-zbv", "dp2-pp2-1f1b"])
 def test_measured_bytes_equal_analytic(overrides, world, tp, dp):
