@@ -163,6 +163,7 @@ def test_lasp2_matches_single_process_reference(p):
         check(case, p, shards)
 
 
+@pytest.mark.slow
 def test_lasp2_on_eight_ranks():
     cases = [Case("ulysses", True, "alibi", "long", tokens_per_rank=4), Case("ring", True, "alibi", "aligned", 4),
              Case("ring", False, "none", "random", 4), Case("usp", True, "retnet", "long", 4, ulysses=2)]

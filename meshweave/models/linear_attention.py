@@ -40,6 +40,7 @@ FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda x: x,
     "elu1": lambda x: F.elu(x) + 1.0,  # Katharopoulos et al.: positive features
     "relu": F.relu,
+    "silu": F.silu,  # Lightning Attention / TransNormerLLM
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from meshweave.models.linear_llama.config import HybridConfig, LinearLlamaConfig
 from meshweave.models.llama.config import LlamaConfig
 
 if TYPE_CHECKING:
@@ -19,6 +20,8 @@ DEFAULT_KIND = "llama"
 # kind -> (config dataclass, "module:attribute" of its ModelSpec)
 _KINDS: dict[str, tuple[type, str]] = {
     "llama": (LlamaConfig, "meshweave.models.llama.spec:SPEC"),
+    "linear_llama": (LinearLlamaConfig, "meshweave.models.linear_llama.spec:LINEAR_LLAMA_SPEC"),
+    "hybrid": (HybridConfig, "meshweave.models.linear_llama.spec:HYBRID_SPEC"),
 }
 
 

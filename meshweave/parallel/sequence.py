@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch.nn as nn
 
 from meshweave.attention import SequenceParallelAttention, usp_rank_groups
+from meshweave.attention.lasp2 import lasp2_for_layout
 from meshweave.core.batch import Batch
 from meshweave.core.mesh import Mesh
 from meshweave.core.schema import ParallelConfig
@@ -26,7 +27,10 @@ from meshweave.parallel.runner import BatchSharder
 
 # op kind -> builder(mesh, parallel config, the softmax op that fixes the layout) -> AttentionOp
 SlotOpBuilder = Callable[[Mesh, ParallelConfig, SequenceParallelAttention], AttentionOp]
-SLOT_OP_BUILDERS: dict[str, SlotOpBuilder] = {"softmax": lambda mesh, p, layout_op: layout_op}
+SLOT_OP_BUILDERS: dict[str, SlotOpBuilder] = {
+    "softmax": lambda mesh, p, layout_op: layout_op,
+    "linear": lambda mesh, p, layout_op: lasp2_for_layout(mesh.group("sp"), layout_op),  # LASP-2 in the same layout
+}
 
 
 def build_sp_op(mesh: Mesh, p: ParallelConfig) -> SequenceParallelAttention:
