@@ -133,7 +133,7 @@ def test_document_runs_and_feature_maps():
     ids = torch.tensor([[4, 4, 5, 5, 5, 9], [0, 1, 2, 2, 2, 2]])
     assert document_runs(ids).tolist() == [[0, 0, 1, 1, 1, 2], [0, 1, 2, 2, 2, 2]]
     x = torch.linspace(-2, 2, 9)
-    assert set(FEATURE_MAPS) == {"identity", "elu1", "relu"}
+    assert set(FEATURE_MAPS) == {"identity", "elu1", "relu", "silu"}
     assert (apply_feature_map("elu1", x) > 0).all() and torch.equal(apply_feature_map("identity", x), x)
     with pytest.raises(ValueError, match="unknown feature map"):
         apply_feature_map("cosine", x)

@@ -205,3 +205,13 @@ def test_fp64_model_under_sequence_parallelism_equals_one_process(kind, method):
     torch.testing.assert_close(got["loss"], loss.detach(), atol=1e-10, rtol=1e-10)
     for name, prm in model.named_parameters():
         torch.testing.assert_close(got["grads"][name], prm.grad, atol=1e-10, rtol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+def test_every_feature_map_and_decay_of_the_config_exists():
+    from typing import get_args
+
+    from meshweave.models.linear_llama.config import Decay, FeatureMap
+
+    assert set(get_args(FeatureMap)) == set(linear_attention.FEATURE_MAPS)
+    for decay in get_args(Decay):
+        linear_attention.head_log_decay(decay, 4)

@@ -13,14 +13,14 @@ from typing import Literal
 
 from meshweave.models.llama.config import LlamaConfig
 
-FeatureMap = Literal["identity", "elu1", "relu"]
+FeatureMap = Literal["identity", "elu1", "relu", "silu"]
 Decay = Literal["none", "alibi", "retnet"]
 
 
 @dataclass
 class LinearLlamaConfig(LlamaConfig):
     kind: Literal["linear_llama"] = "linear_llama"
-    feature_map: FeatureMap = "elu1"  # on q and k: identity | elu1 (elu(x)+1) | relu
+    feature_map: FeatureMap = "elu1"  # on q and k: identity | elu1 (elu(x)+1) | relu | silu
     decay: Decay = "alibi"  # per-head state decay: none | alibi (exp(-2^(-8(h+1)/H))) | retnet (1 - 2^(-5-h))
 
 
