@@ -1,4 +1,4 @@
-"""LASP-2 (meshweave.attention.lasp2) over P gloo ranks against the single-process fp64 oracle, and its traffic.
+"""LASP-2 (meshweave.attention.lasp2) and the LASP-1 chain peer over P gloo ranks against the fp64 oracle, and their traffic.
 
 Each world size runs all its cases in one distributed task; every rank returns its shards of out, dq, dk, dv and
 what its ledger saw, and the parent unshards them with the layout and compares with the O(N^2) reference at
@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from meshweave.attention import unshard_sequence
+from meshweave.attention.lasp1 import lasp1_op
 from meshweave.attention.lasp2 import LinearSequenceParallel
 from meshweave.attention.layout import shard_sequence
 from meshweave.attention.linear import linear_attention_reference
@@ -43,6 +44,7 @@ class Case:
     tokens_per_rank: int = 16
     ulysses: int | None = None
     chunk: int = 4
+    algo: str = "lasp2"  # or "lasp1": the chain peer (contiguous, causal)
 
     def n(self, p: int) -> int:
         return self.tokens_per_rank * p
@@ -90,7 +92,8 @@ def run_cases(cases: list[Case]) -> list[dict]:
     group = _group()
     p, rank, out = group.size, group.rank, []
     for case in cases:
-        op = LinearSequenceParallel(group, case.method, case.ulysses, chunk=case.chunk)
+        op = (lasp1_op(group, case.chunk) if case.algo == "lasp1"
+              else LinearSequenceParallel(group, case.method, case.ulysses, chunk=case.chunk))
         full = _full_inputs(case, p)
         q, k, v = (_shard(case, full[name], p, rank).requires_grad_() for name in ("q", "k", "v"))
         meta = AttentionMeta(_shard(case, full["docs"], p, rank), case.causal)
@@ -139,12 +142,27 @@ def check(case: Case, p: int, shards: list[dict]) -> None:
     if p == 1:
         assert all(s["fwd"] == s["bwd"] == s["per_batch"] == {} for s in shards), f"{case}: a group of one communicates"
         return
-    layer = {"sp/all_gather": {"calls": 1, "bytes": state_bytes(case, p)}}
-    ids = segments_per_rank(case, p) * B * 3 * 8
-    first = {"sp/all_gather": {"calls": 2, "bytes": state_bytes(case, p) + ids}} if case.docs != "none" else layer
+    ids = {"sp/all_gather": {"calls": 1, "bytes": segments_per_rank(case, p) * B * 3 * 8}} if case.docs != "none" else {}
     for s in shards:
-        assert s["fwd"] == layer and s["bwd"] == layer, f"{case}: per-layer traffic {s['fwd']} / {s['bwd']} != {layer}"
+        fwd, bwd = expected_layer_traffic(case, p, s["rank"])
+        assert s["fwd"] == fwd and s["bwd"] == bwd, f"{case}: per-layer traffic {s['fwd']} / {s['bwd']} != {fwd} / {bwd}"
+        first = {key: {"calls": fwd.get(key, {}).get("calls", 0) + ids.get(key, {}).get("calls", 0),
+                       "bytes": fwd.get(key, {}).get("bytes", 0) + ids.get(key, {}).get("bytes", 0)}
+                 for key in set(fwd) | set(ids)}
         assert s["per_batch"] == first, f"{case}: first layer's traffic {s['per_batch']} != {first}"
+
+
+def expected_layer_traffic(case: Case, p: int, rank: int) -> tuple[dict, dict]:
+    """LASP-2: one all_gather of the states each way. LASP-1: one state per hop, rank r -> r+1 forward,
+    r -> r-1 backward."""
+    if case.algo == "lasp2":
+        layer = {"sp/all_gather": {"calls": 1, "bytes": state_bytes(case, p)}}
+        return layer, layer
+    hop = {"calls": 1, "bytes": B * H * DK * DV * 8}
+    first, last = rank == 0, rank == p - 1
+    fwd = {**({} if last else {"sp/send": hop}), **({} if first else {"sp/recv": hop})}
+    bwd = {**({} if first else {"sp/send": hop}), **({} if last else {"sp/recv": hop})}
+    return fwd, bwd
 
 
 def _cases(p: int) -> list[Case]:
@@ -153,6 +171,8 @@ def _cases(p: int) -> list[Case]:
              for m, u in layouts for causal in (True, False) for decay in ("none", "alibi")
              for docs in ("none", "random", "aligned", "long")]
     cases.append(Case("ring", True, "retnet", "random", tokens_per_rank=20, chunk=3))  # chunks not dividing segments
+    cases += [Case("ulysses", True, decay, docs, algo="lasp1") for decay in ("none", "alibi")
+              for docs in ("none", "aligned", "long")]
     return cases
 
 
