@@ -26,9 +26,8 @@ from meshweave.models.linear_llama.config import HybridConfig, LinearLlamaConfig
 from meshweave.models.registry import model_spec
 from meshweave.models.spec import ParallelLayout
 from meshweave.testing import run_distributed
-from meshweave.testing_equivalence import train_and_collect
+from meshweave.testing_equivalence import merge_stage_results, train_and_collect
 from meshweave.train.config import load_config
-from meshweave.testing_equivalence import merge_stage_results
 from tests.test_tp_pp import TOL
 
 DOCS = ["data.source=synthetic", "data.synthetic_mean_len=6", "data.synthetic_max_len=40"]
@@ -71,7 +70,7 @@ def test_bad_values_are_one_line_config_errors():
 def test_flops_count_the_linear_layers_as_linear_in_the_sequence_length():
     assert flops.KERNEL_CHUNK == linear_attention.DEFAULT_CHUNK
     lin, llama = LinearLlamaConfig(), load_config(None, []).model
-    grow = lambda spec, cfg: spec.flops_per_token(cfg, 65536) - spec.flops_per_token(cfg, 8192)  # noqa: E731
+    grow = lambda spec, cfg: spec.flops_per_token(cfg, 65536) - spec.flops_per_token(cfg, 8192)
     assert grow(model_spec("linear_llama"), lin) == 0.0 < grow(model_spec("llama"), llama)
     costs = model_spec("hybrid").layer_costs(HybridConfig(), 4096).layers
     assert costs[3] > costs[0] == costs[1] == costs[2]  # the softmax layer is the expensive one

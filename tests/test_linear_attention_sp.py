@@ -72,7 +72,7 @@ def _documents(kind: str, n: int, p: int) -> torch.Tensor | None:
 def _full_inputs(case: Case, p: int, seed: int = 0) -> dict:
     n = case.n(p)
     gen = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
     return dict(q=rnd(B, n, H, DK), k=rnd(B, n, H_KV, DK), v=rnd(B, n, H_KV, DV), dout=rnd(B, n, H, DV),
                 docs=_documents(case.docs, n, p))
 
