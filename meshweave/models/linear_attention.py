@@ -13,7 +13,7 @@ recurrent state resets wherever the id changes (packed sequences give runs with 
 How: the chunked form. The sequence is cut into blocks of `chunk` tokens; inside a block the quadratic
 term (Q K^T * D) V uses a token-causal mask D (decay lambda^(a-c), c <= a, same run), and each block adds
 Q * qd @ E_b, where E_b is the state carried in from the earlier blocks: the linear recurrence
-S_b = a_b S_{b-1} + M_b over block memory states M_b = (K * kd)^T V, computed by a log-depth scan. All
+S_b = a_b S_{b-1} + M_b over block memory states M_b = (K * kd)^T V, one small step per block. All
 state arithmetic runs in fp32 (fp64 for fp64 inputs). The backward is written by hand (the formulas of
 LASP-2's backward, generalised to decay and document runs) and recomputes the block terms instead of
 keeping them, so a call keeps only q, k, v.
@@ -145,15 +145,15 @@ def carries(runs: torch.Tensor | None, n: int, dtype: torch.dtype, device: torch
 def linear_scan(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """S_b = a_b S_{b-1} + x_b with S_{-1} = 0, along dim -3 of x (..., n, Dk, Dv); a (..., n).
 
-    Hillis-Steele scan: log2(n) vectorised steps, no Python loop over blocks.
+    A plain loop over b: each step touches one (..., Dk, Dv) state, so the work is n states, where a
+    log-depth (Hillis-Steele) scan moves all n states log2(n) times (measured 10x slower at n = 64 on CPU).
     """
     a = a[..., None, None].expand(*x.shape[:-2], 1, 1)
-    n, d = x.shape[-3], 1
-    while d < n:
-        x = torch.cat([x[..., :d, :, :], x[..., d:, :, :] + a[..., d:, :, :] * x[..., :-d, :, :]], dim=-3)
-        a = torch.cat([a[..., :d, :, :], a[..., d:, :, :] * a[..., :-d, :, :]], dim=-3)
-        d *= 2
-    return x
+    out = torch.empty_like(x)
+    state = out[..., 0, :, :] = x[..., 0, :, :]
+    for b in range(1, x.shape[-3]):
+        state = out[..., b, :, :] = torch.addcmul(x[..., b, :, :], a[..., b, :, :], state)
+    return out
 
 
 def incoming_states(a: torch.Tensor, cont: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
@@ -317,7 +317,7 @@ def heads_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: to
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
     dt = state_dtype(q.dtype)
-    q, k, v = (t.transpose(1, 2).to(dt) for t in (q, k, v))
+    q, k, v = (t.transpose(1, 2).to(dt).contiguous() for t in (q, k, v))
     if log_decay is not None:
         if log_decay.shape != (q.shape[1],):
             raise ValueError(f"log_decay must have one value per query head ({q.shape[1]}), got {tuple(log_decay.shape)}")
