@@ -214,3 +214,15 @@ def test_every_feature_map_and_decay_of_the_config_exists():
     assert set(get_args(FeatureMap)) == set(linear_attention.FEATURE_MAPS)
     for decay in get_args(Decay):
         linear_attention.head_log_decay(decay, 4)
+
+
+def test_linear_layers_read_nothing_back_to_the_host():
+    """LASP-2's per-batch plan (document boundaries, segment coefficients) stays on the device: a linear_llama
+    step under sp2 with packed documents makes no host read outside log steps (cf. tests/test_host_syncs.py,
+    where ring's softmax plans make one per batch)."""
+    from tests.test_host_syncs import steps_and_their_host_reads
+
+    overrides = [*KINDS["linear_llama"], "parallel.sp=2", "parallel.sp_method=ring"]
+    for rank, per_step in enumerate(run_distributed(steps_and_their_host_reads, 2, overrides, 4, 3)):
+        for s in per_step:
+            assert s["step_reads"] == {}, f"rank {rank} step {s['step']} read to the host: {s['step_reads']}"
