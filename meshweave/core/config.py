@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -20,9 +21,10 @@ from typing import Any
 import yaml
 
 from meshweave.core.errors import ConfigError
-from meshweave.core.schema import SCHEMA_VERSION, Config
+from meshweave.core.schema import INT_LIMIT, SCHEMA_VERSION, Config, Range
 
-__all__ = ["ConfigError", "ModelConfigLookup", "dump_yaml", "from_dict", "load_config", "to_dict"]
+__all__ = ["ConfigError", "ModelConfigLookup", "check_ranges", "dump_yaml", "from_dict", "load_config",
+           "range_problems", "to_dict"]
 
 ModelConfigLookup = Callable[[str], type]  # model kind -> its config dataclass; KeyError(message) if unknown
 DEFAULT_MODEL_KIND = "llama"
@@ -68,6 +70,59 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+def _clip(text: str, limit: int = 80) -> str:
+    """A name or key from the user (a dotted path, a YAML key) cut to a bounded prefix for an error line."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def range_problems(section: Any, prefix: str = "") -> list[str]:
+    """One line per numeric field outside its declared `Range` (schema.py and the model kinds' config
+    classes declare them beside each field), walking nested sections; every float must be finite and
+    every int must fit 64 bits, declared or not. Runs on a loaded config: no world size needed."""
+    problems: list[str] = []
+    hints = typing.get_type_hints(type(section), include_extras=True)
+    for name, tp in hints.items():
+        value = getattr(section, name, None)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            problems += range_problems(value, f"{prefix}{name}.")
+            continue
+        problem = _range_problem(value, _declared_range(tp))
+        if problem:
+            problems.append(f"{prefix}{name}: {_short(value)} {problem}")
+    return problems
+
+
+def check_ranges(cfg: Config) -> None:
+    """Raise a ConfigError with the first out-of-range field (see `range_problems`)."""
+    problems = range_problems(cfg)
+    if problems:
+        more = f" (and {len(problems) - 1} more out-of-range field(s))" if len(problems) > 1 else ""
+        raise ConfigError(problems[0] + more)
+
+
+def _declared_range(tp: Any) -> Range | None:
+    """The Range in `Annotated[int, Range(...)]`, also inside `X | None`; None when there is none."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next((r for arg in typing.get_args(tp) if (r := _declared_range(arg)) is not None), None)
+    if typing.get_origin(tp) is typing.Annotated:
+        return next((m for m in tp.__metadata__ if isinstance(m, Range)), None)
+    return None
+
+
+def _range_problem(value: Any, declared: Range | None) -> str | None:
+    """What is wrong with a numeric value (None when fine or not a number)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    allowed = declared.describe() if declared is not None else "a finite number"
+    if isinstance(value, float) and not math.isfinite(value) and (declared is None or value not in declared.also):
+        return f"is not a finite number; use a value {allowed}"
+    if isinstance(value, int) and abs(value) > INT_LIMIT:
+        return f"does not fit a 64-bit integer; use a value {allowed} below 2**63"
+    if declared is not None and not declared.accepts(value):
+        return f"must be {allowed}"
+    return None
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -91,7 +146,7 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
 def _apply_override(raw: dict[str, Any], item: str, model_config: ModelConfigLookup) -> None:
     """`parallel.dp=2` -> raw["parallel"]["dp"] = 2 (the value is parsed as YAML: 2, true, [a, b])."""
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. --set parallel.dp=2")
+        raise ConfigError(f"--set {_short(item)}: expected KEY=VALUE with a dotted key, e.g. --set parallel.dp=2")
     key, text = item.split("=", 1)
     parts = key.strip().split(".")
     _check_path(parts, raw, model_config)
@@ -103,7 +158,7 @@ def _apply_override(raw: dict[str, Any], item: str, model_config: ModelConfigLoo
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {part} is not a section")
+            raise ConfigError(f"--set {_clip(key)}: {_clip(part)} is not a section")
     node[parts[-1]] = value
 
 
@@ -113,7 +168,7 @@ def _check_path(parts: list[str], raw: dict[str, Any], model_config: ModelConfig
         if i == 1 and parts[0] == "model":
             cls = _model_class(raw.get("model"), model_config)
         if not dataclasses.is_dataclass(cls):
-            raise ConfigError(f"--set {'.'.join(parts)}: {'.'.join(parts[:i])} is not a section")
+            raise ConfigError(f"--set {_clip('.'.join(parts))}: {_clip('.'.join(parts[:i]))} is not a section")
         hints = typing.get_type_hints(cls)
         if part not in hints:
             raise ConfigError(_unknown_key_message(".".join(parts[:i + 1]), part, list(hints)))
@@ -121,9 +176,9 @@ def _check_path(parts: list[str], raw: dict[str, Any], model_config: ModelConfig
 
 
 def _unknown_key_message(where: str, key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6) if len(key) <= 200 else []
     hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
-    return f"{where}: unknown key '{key}'; {hint}"
+    return f"{_clip(where)}: unknown key '{_clip(key)}'; {hint}"
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -160,7 +215,10 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
             raise ConfigError(f"{name}: expected a list, got {_short(value)}; write e.g. {name.split('.')[-1]}: [a, b]")
         return [_convert(args[0], v, name) for v in value]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{name}: {_short(value)} is too large for a floating-point number") from None
     if tp is float and isinstance(value, str):
         try:
             return float(value)  # PyYAML (YAML 1.1) reads 1e-3 as a string: accept it as a number

@@ -6,10 +6,67 @@ is rejected with a did-you-mean hint by `meshweave.core.config`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 SCHEMA_VERSION = 1
+INT_LIMIT = 2**63 - 1  # every integer field must fit a signed 64-bit integer (what torch and the OS take)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field accepts, declared beside the field: `steps: Annotated[int, Range(ge=1)]`.
+
+    `meshweave.core.config.range_problems` checks every numeric field of a loaded config against its
+    declaration (and every float for finiteness, every int against the 64-bit limit), before any
+    process starts. `also` lists values accepted outside the bounds, `meaning` says what they mean
+    (e.g. `dp: -1` = fill the world size; `microbatches: 0` = picked automatically).
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    also: tuple[float, ...] = ()
+    meaning: str = ""
+
+    def accepts(self, value: float) -> bool:
+        if value in self.also:
+            return True
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def describe(self) -> str:
+        """The accepted values in words: ">= 1", "> 0", "in [0, 1)", ">= 1, or -1 to fill the world size"."""
+        low = (f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else None)
+        high = (f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else None)
+        if low and high:
+            text = f"in {low}, {high}"
+        elif low:
+            text = f">= {low[1:]}" if low[0] == "[" else f"> {low[1:]}"
+        elif high:
+            text = f"<= {high[:-1]}" if high[-1] == "]" else f"< {high[:-1]}"
+        else:
+            text = "a finite number"
+        if self.also:
+            text += ", or " + " or ".join(_num(v) for v in self.also) + (f" {self.meaning}" if self.meaning else "")
+        return text
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+# The common ranges, named once.
+AtLeast1 = Annotated[int, Range(ge=1)]
+AtLeast0 = Annotated[int, Range(ge=0)]
+Positive = Annotated[float, Range(gt=0)]
+NonNegative = Annotated[float, Range(ge=0)]
+AtLeast1OrAuto = Annotated[int, Range(ge=1, also=(0,), meaning="(picked automatically)")]
+AtLeast1OrFill = Annotated[int, Range(ge=1, also=(-1,), meaning="to fill the world size")]
 
 SpMethod = Literal["ulysses", "ring", "tokenring", "usp"]
 SP_METHODS: tuple[str, ...] = get_args(SpMethod)  # the one list of sequence-parallel methods
@@ -18,58 +75,58 @@ CHECKPOINT_LEVELS = ("memory", "local", "persistent")  # also the only valid flu
 
 @dataclass
 class UspConfig:
-    ulysses: int = 0  # Ulysses (all-to-all) degree inside each SP group; 0 = the largest the heads allow
-    ring: int = 0  # Ring degree across; ulysses * ring must equal parallel.sp; 0 = sp / ulysses
+    ulysses: AtLeast1OrAuto = 0  # Ulysses (all-to-all) degree inside each SP group; 0 = the largest the heads allow
+    ring: AtLeast1OrAuto = 0  # Ring degree across; ulysses * ring must equal parallel.sp; 0 = sp / ulysses
 
 
 @dataclass
 class ParallelConfig:
-    dp: int = -1  # data-parallel degree; -1 = whatever the world size leaves after tp*pp*sp
-    tp: int = 1  # tensor-parallel degree
-    pp: int = 1  # pipeline-parallel degree (stages)
-    sp: int = 1  # sequence-parallel degree (attention split over the sequence)
+    dp: AtLeast1OrFill = -1  # data-parallel degree; -1 = whatever the world size leaves after tp*pp*sp
+    tp: AtLeast1 = 1  # tensor-parallel degree
+    pp: AtLeast1 = 1  # pipeline-parallel degree (stages)
+    sp: AtLeast1 = 1  # sequence-parallel degree (attention split over the sequence)
     dp_mode: Literal["fsdp", "ddp"] = "fsdp"  # FSDP2 fully_shard, or DDP
     sp_method: SpMethod = "ring"  # ulysses | ring | tokenring | usp
     usp: UspConfig = field(default_factory=UspConfig)
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved1f1b | zerobubble ...
-    microbatches: int = 0  # pipeline microbatches per step per data-parallel rank; 0 = picked to fit (see plan)
-    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedules)
+    microbatches: AtLeast1OrAuto = 0  # pipeline microbatches per step per data-parallel rank; 0 = picked to fit (see plan)
+    virtual_stages: AtLeast1 = 1  # model chunks per pipeline rank (interleaved schedules)
     pp_split: Literal["even", "cost"] = "even"  # even, or balanced by estimated per-layer cost
     activation_checkpointing: bool = False  # recompute each block in backward
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 200  # optimizer steps
-    global_batch: int = 8  # sequences per optimizer step, over all data-parallel ranks
-    grad_accum: int = 1  # micro-steps per optimizer step on each data-parallel rank (no pipeline)
-    seq_len: int = 256  # tokens per sequence
-    lr: float = 3e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int | None = None  # linear warm-up steps; None = 10% of steps
+    steps: AtLeast1 = 200  # optimizer steps
+    global_batch: AtLeast1 = 8  # sequences per optimizer step, over all data-parallel ranks
+    grad_accum: AtLeast1 = 1  # micro-steps per optimizer step on each data-parallel rank (no pipeline)
+    seq_len: Annotated[int, Range(ge=2)] = 256  # tokens per sequence
+    lr: Positive = 3e-3  # peak learning rate
+    min_lr_ratio: Annotated[float, Range(ge=0, le=1)] = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: AtLeast0 | None = None  # linear warm-up steps; None = 10% of steps
 
     @property
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else self.steps // 10
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    seed: int = 0
+    weight_decay: NonNegative = 0.1  # decoupled (AdamW) weight decay
+    beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9  # AdamW first-moment decay
+    beta2: Annotated[float, Range(ge=0, lt=1)] = 0.95  # AdamW second-moment decay
+    grad_clip: NonNegative = 1.0  # max global grad norm; 0 disables clipping
+    seed: AtLeast0 = 0  # model init, data order and dropout
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    nproc: int = 2  # local worker processes when launched standalone (no torchrun/srun)
-    peak_tflops: float | None = None  # per-device peak for MFU; None = known-device table or "n/a"
+    nproc: AtLeast1 = 2  # local worker processes when launched standalone (no torchrun/srun)
+    peak_tflops: Positive | None = None  # per-device peak for MFU; None = known-device table or "n/a"
 
 
 @dataclass
 class DataConfig:
     source: Literal["builtin", "path", "synthetic"] = "builtin"  # builtin = text found offline on this machine
     path: str | None = None  # file or directory of UTF-8 text files, for source: path
-    max_bytes: int = 4_000_000  # cap on corpus size read
+    max_bytes: AtLeast1 = 4_000_000  # cap on corpus size read
     document_masking: bool = True  # attend only within a document in packed sequences
-    synthetic_mean_len: int = 256  # source: synthetic — mean document length (long-tailed)
-    synthetic_max_len: int = 4096
+    synthetic_mean_len: AtLeast1 = 256  # source: synthetic — mean document length (long-tailed)
+    synthetic_max_len: Annotated[int, Range(ge=2)] = 4096  # source: synthetic — longest document (tokens)
 
 
 @dataclass
@@ -82,9 +139,9 @@ class CheckpointConfig:
     """
 
     dir: str | None = None  # None disables checkpointing
-    every_steps: int = 0  # save after every N-th optimizer step; 0 = only at the end
+    every_steps: AtLeast0 = 0  # save after every N-th optimizer step; 0 = only at the end
     mode: Literal["lazy", "sync"] = "lazy"  # lazy: the copy overlaps the next forward/backward
-    keep: int = 3  # committed checkpoints each disk level retains
+    keep: AtLeast1 = 3  # committed checkpoints each disk level retains
     levels: list[str] = field(default_factory=lambda: ["local"])  # flush chain: memory, local, persistent
     persistent_dir: str | None = None  # shared/persistent directory, for the persistent level
     resume: bool = True  # resume from the newest complete checkpoint in dir
@@ -108,7 +165,7 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    every_steps: int = 10  # progress line every N steps (and at the last step)
+    every_steps: AtLeast1 = 10  # progress line every N steps (and at the last step)
     jsonl: bool = True  # each rank writes run_dir/metrics/rank<R>.jsonl
     tensorboard: bool = False  # write TensorBoard events when tensorboard is installed
     comm_accounting: bool = False  # count every collective's bytes in the comm ledger (tests, benchmarks)

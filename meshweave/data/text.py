@@ -7,19 +7,33 @@
   records per-token document ids and positions that restart at every document start, so that
   attention can be masked per document (also across sequence-parallel shards).
 - `synthetic_documents` draws long-tailed document lengths for benchmarks of variable-length work.
+
+Unusable data (a directory without text, unreadable or binary files, a corpus shorter than one row)
+raises `DataError`: one line naming the field to change (`data.path`, `train.seq_len`, ...). The
+launcher calls `corpus_tokens` before any worker starts, so these are found there.
 """
 
 from __future__ import annotations
 
+import os
 import sysconfig
 from pathlib import Path
 
 import torch
 
 from meshweave.core.batch import IGNORE_INDEX, Batch
+from meshweave.core.config import _short
 from meshweave.data.tokenizer import ByteTokenizer
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
+
+
+class DataError(ValueError):
+    """The training data cannot be used; the message is one line naming the field and the fix."""
+
+
+def _quoted(path: str | Path) -> str:
+    return _short(str(path))  # a bounded prefix: a path never floods the error line
 
 
 def builtin_documents(max_bytes: int) -> list[str]:
@@ -28,16 +42,35 @@ def builtin_documents(max_bytes: int) -> list[str]:
     return read_documents(sorted(p for p in root.glob("*.py")), max_bytes)
 
 
-def path_documents(path: str | Path, max_bytes: int) -> list[str]:
+def text_files(path: str | Path) -> list[Path]:
+    """The file itself, or the text files (TEXT_SUFFIXES) under a directory, sorted; DataError if none."""
     p = Path(path)
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES and f.is_file())
-    return read_documents(files, max_bytes)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise DataError(f"data.path: {_quoted(p)} does not exist; give a text file or a directory of text files")
+    if not os.access(p, os.R_OK | os.X_OK):
+        raise DataError(f"data.path: cannot read the directory {_quoted(p)} (permission denied)")
+    files = sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES and f.is_file())
+    if not files:
+        raise DataError(f"data.path: {_quoted(p)} holds no text files ({', '.join(TEXT_SUFFIXES)}); "
+                        f"point it at UTF-8 text")
+    return files
 
 
-def read_documents(files: list[Path], max_bytes: int) -> list[str]:
-    docs, total = [], 0
+def path_documents(path: str | Path, max_bytes: int) -> list[str]:
+    return read_documents(text_files(path), max_bytes, field="data.path")
+
+
+def read_documents(files: list[Path], max_bytes: int, field: str = "data.source") -> list[str]:
+    """UTF-8 text of each file (undecodable bytes replaced), at most max_bytes characters in all. Files
+    holding NUL bytes are binary and skipped; DataError when a file cannot be read or none holds text."""
+    docs, total, binary = [], 0, 0
     for f in files:
-        text = f.read_text(encoding="utf-8", errors="replace")
+        text = _read_text(f, max_bytes - total, field)
+        if text is None:
+            binary += 1
+            continue
         if not text.strip():
             continue
         docs.append(text[: max_bytes - total])
@@ -45,17 +78,58 @@ def read_documents(files: list[Path], max_bytes: int) -> list[str]:
         if total >= max_bytes:
             break
     if not docs:
-        raise ValueError(f"no text found in {len(files)} file(s)")
+        kind = "all binary (they hold NUL bytes)" if binary == len(files) > 0 else "empty or binary"
+        raise DataError(f"{field}: no text found: the {len(files)} file(s) are {kind}; give UTF-8 text files")
     return docs
+
+
+def _read_text(f: Path, max_chars: int, field: str) -> str | None:
+    """The first max_chars characters of a file or more (at most 4 bytes each are read: a huge file is
+    not read whole), with universal newlines as `read_text` gives them; None for a binary file."""
+    try:
+        with open(f, "rb") as fh:
+            data = fh.read(4 * max_chars)
+    except OSError as err:
+        raise DataError(f"{field}: cannot read {_quoted(f)}: {err.strerror or err}") from None
+    if b"\0" in data:
+        return None
+    return data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
 
 
 def synthetic_documents(n: int, mean_len: int, max_len: int, vocab_size: int, seed: int) -> list[torch.Tensor]:
     """Token documents with log-normal (long-tailed) lengths: many short ones, a few very long."""
     g = torch.Generator().manual_seed(seed)
+    lengths = _synthetic_lengths(n, mean_len, max_len, g)
+    return [torch.randint(0, vocab_size, (int(n_tok),), generator=g) for n_tok in lengths]
+
+
+def _synthetic_lengths(n: int, mean_len: int, max_len: int, g: torch.Generator) -> torch.Tensor:
     sigma = 1.0
     mu = torch.log(torch.tensor(float(mean_len))) - sigma ** 2 / 2
-    lengths = torch.exp(mu + sigma * torch.randn(n, generator=g)).clamp(2, max_len).long()
-    return [torch.randint(0, vocab_size, (int(n_tok),), generator=g) for n_tok in lengths]
+    return torch.exp(mu + sigma * torch.randn(n, generator=g)).clamp(2, max_len).long()
+
+
+def synthetic_count(max_bytes: int, mean_len: int) -> int:
+    """How many synthetic documents `build_dataset` draws for a data budget."""
+    return max(8, max_bytes // max(1, mean_len))
+
+
+def corpus_tokens(source: str, path: str | None, max_bytes: int, seed: int, synthetic_mean_len: int = 256,
+                  synthetic_max_len: int = 4096) -> int:
+    """Tokens `build_dataset` would pack for these settings, without building it (the launcher's check
+    before any worker starts); DataError for unusable data."""
+    if source == "synthetic":
+        n = synthetic_count(max_bytes, synthetic_mean_len)
+        return int(_synthetic_lengths(n, synthetic_mean_len, synthetic_max_len, torch.Generator().manual_seed(seed)).sum())
+    texts = builtin_documents(max_bytes) if source == "builtin" else path_documents(path, max_bytes)
+    return sum(len(t.encode("utf-8")) + 2 for t in texts)  # [BOS] bytes [EOS]
+
+
+def require_rows(tokens: int, seq_len: int) -> None:
+    """DataError unless `tokens` make at least one packed row of seq_len (+1 for the shifted labels)."""
+    if (tokens - 1) // seq_len < 1:
+        raise DataError(f"train.seq_len: {seq_len} is longer than the whole corpus ({tokens} tokens, one row needs "
+                        f"{seq_len + 1}); lower train.seq_len or give more text (data.path, data.max_bytes)")
 
 
 def encode_documents(texts: list[str]) -> list[torch.Tensor]:
@@ -76,9 +150,8 @@ class PackedDataset:
         self.tokens = torch.cat(token_docs).to(torch.int32)
         lengths = torch.tensor([len(d) for d in token_docs])
         self.doc_index = torch.repeat_interleave(torch.arange(len(token_docs)), lengths)
+        require_rows(len(self.tokens), seq_len)
         self.num_rows = (len(self.tokens) - 1) // seq_len
-        if self.num_rows < 1:
-            raise ValueError(f"corpus of {len(self.tokens)} tokens is too small for seq_len {seq_len}")
 
     def __len__(self) -> int:
         return self.num_rows
@@ -109,7 +182,7 @@ def build_dataset(source: str, path: str | None, max_bytes: int, seq_len: int, v
                   synthetic_mean_len: int = 256, synthetic_max_len: int = 4096,
                   document_masking: bool = True) -> PackedDataset:
     if source == "synthetic":
-        n = max(8, max_bytes // max(1, synthetic_mean_len))
+        n = synthetic_count(max_bytes, synthetic_mean_len)
         docs = synthetic_documents(n, synthetic_mean_len, synthetic_max_len, vocab_size, seed)
         return PackedDataset(docs, seq_len, document_masking)
     texts = builtin_documents(max_bytes) if source == "builtin" else path_documents(path, max_bytes)

@@ -1,24 +1,37 @@
 """`meshweave` command line: train, plan, config, ckpt.
 
-Config problems are found before any process starts and reported as one line with exit status 2.
-Nothing imported at module level loads torch, so `plan` and `config` answer in about a second.
+Problems found before any process starts are one line on stderr: exit status 2 for the config (and
+the command line), 3 for data, checkpoints or paths that cannot be used. A failed or interrupted
+training run also ends with one line (launch/errors.py): 1 runtime, 2 config, 3 data/filesystem,
+130 / 143 after SIGINT / SIGTERM. Nothing imported at module level loads torch, so `plan` and
+`config` answer in about a second.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import signal
 import sys
-import uuid
+from typing import NoReturn
 
+from meshweave.core.config import check_ranges
 from meshweave.core.dims import ParallelDims
-from meshweave.core.schema import Config
-from meshweave.launch.env import detect, free_port, slurm_to_torch_env
+from meshweave.core.schema import INT_LIMIT, Config
+from meshweave.launch.env import LaunchEnv, detect, slurm_to_torch_env
+from meshweave.launch.errors import EXIT_CONFIG, EXIT_DATA
 from meshweave.launch.plan import picked_defaults, render_plan
 from meshweave.train.config import ConfigError, dump_yaml, load_config, to_dict
-from meshweave.train.validate import check, resolve_defaults
+from meshweave.train.validate import PathError, check, resolve_defaults
 
-EXIT_CONFIG = 2
+
+def _interrupt_start_up(signum: int, frame: object) -> None:
+    """Ctrl-C / SIGTERM while `train` checks, before any process or directory exists: one line and out.
+    (Raising instead could land inside torch's import, which turns it into an unrelated error.)"""
+    if (os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or "0") == "0":
+        os.write(2, b"meshweave: interrupted before training started; nothing was saved\n")
+    os._exit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,16 +39,56 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as err:
-        print(f"meshweave: config error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+        kind, status = ("filesystem", EXIT_DATA) if isinstance(err, PathError) else ("config", EXIT_CONFIG)
+        return _start_up_error(f"meshweave: {kind} error: {err}", status)
     except BrokenPipeError:  # `meshweave plan ... | head`: the reader left; end quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as err:  # e.g. the run directory could not be created after all
+        return _start_up_error(f"meshweave: filesystem error: {err}", EXIT_DATA)
+    except Exception as err:
+        kind = _start_up_data_problem(err)
+        if kind is None:
+            raise
+        return _start_up_error(f"meshweave: {kind} error: {err}", EXIT_DATA)
+
+
+def _start_up_data_problem(err: Exception) -> str | None:
+    """"data" / "checkpoint" for the start-up checks' own errors (their modules load torch: looked up lazily)."""
+    if type(err).__name__ == "DataError":
+        return "data"
+    if type(err).__name__ == "CheckpointMismatch":
+        return "checkpoint"
+    return None
+
+
+def _start_up_error(line: str, status: int) -> int:
+    """Print the line (under torchrun/srun only on each node's first rank: every rank finds the same) and
+    return the status."""
+    local_rank = os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or "0"
+    if local_rank == "0":
+        print(line, file=sys.stderr)
+    return status
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit status 2) like every other start-up error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"meshweave: usage error: {message} (see {self.prog} --help)\n")
+
+
+def _count(name: str, value: int) -> int:
+    """A process count from the command line or the environment: >= 1 and a 64-bit integer."""
+    if not 1 <= value <= INT_LIMIT:
+        shown = str(value) if len(str(value)) <= 40 else f"{str(value)[:40]}... ({len(str(value))} digits)"
+        raise ConfigError(f"{name}: {shown} must be >= 1" + (" and below 2**63" if value > INT_LIMIT else ""))
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshweave", description="Data, tensor, pipeline and sequence parallel "
-                                     "training for PyTorch from one YAML file.")
+    parser = _Parser(prog="meshweave", description="Data, tensor, pipeline and sequence parallel "
+                     "training for PyTorch from one YAML file.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -59,13 +112,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    print(dump_yaml(load_config(args.config, args.set)), end="")
+    cfg = load_config(args.config, args.set)
+    check_ranges(cfg)
+    print(dump_yaml(cfg), end="")
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    check(cfg, args.world_size)
+    check(cfg, _count("--world-size", args.world_size))
     resolved = resolve_defaults(cfg, args.world_size)
     print(render_plan(resolved, ParallelDims.resolve(resolved.parallel, args.world_size), picked_defaults(cfg, resolved)))
     return 0
@@ -78,39 +133,49 @@ def cmd_ckpt(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    for sig in (signal.SIGINT, signal.SIGTERM):  # one line, not a KeyboardInterrupt traceback
+        signal.signal(sig, _interrupt_start_up)
     cfg = load_config(args.config, args.set)
-    env = detect()
+    env = _launch_env()
     if env.kind == "standalone":
-        nproc = args.nproc or cfg.train.nproc
+        nproc = cfg.train.nproc if args.nproc is None else _count("--nproc", args.nproc)
         check(cfg, nproc)
-        return _train_standalone(resolve_defaults(cfg, nproc), nproc)
-    check(cfg, env.world_size)
-    cfg = resolve_defaults(cfg, env.world_size)
+        cfg = resolve_defaults(cfg, nproc)
+        _preflight(cfg, nproc, local_ranks=nproc)
+        from meshweave.launch.standalone import run_standalone
+
+        return run_standalone(cfg, nproc)
+    world = _count("WORLD_SIZE" if env.kind == "torchrun" else "SLURM_NTASKS", env.world_size or 0)
+    check(cfg, world)
+    cfg = resolve_defaults(cfg, world)
+    _preflight(cfg, world, local_ranks=_local_ranks())
     if env.kind == "slurm":
         os.environ.update(slurm_to_torch_env(os.environ))
     from meshweave.launch.worker import run_worker
 
-    run_worker(to_dict(cfg))
+    run_worker(to_dict(cfg))  # a failed or interrupted rank exits inside, with its own status
     return 0
 
 
-def _train_standalone(cfg: Config, nproc: int) -> int:
-    """Start nproc local workers through torch's elastic launcher (what torchrun uses), not by hand."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    from meshweave.launch.worker import run_worker
-
-    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"meshweave-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
-                          monitor_interval=0.5, start_method="spawn")
-    print(f"meshweave: training on {nproc} local process(es); run dir {cfg.run_dir}", flush=True)
+def _launch_env() -> LaunchEnv:
     try:
-        elastic_launch(launch, run_worker)(to_dict(cfg))
-    except ChildFailedError as err:
-        print(f"meshweave: training failed:\n{err.format_msg()}", file=sys.stderr)
-        return 1
-    return 0
+        return detect()
+    except ValueError:
+        raise ConfigError("WORLD_SIZE / SLURM_NTASKS: not an integer; launch with torchrun, srun, or neither") from None
+
+
+def _local_ranks() -> int:
+    """Ranks sharing this machine under torchrun (LOCAL_WORLD_SIZE) or srun (SLURM_NTASKS_PER_NODE, e.g. "4(x2)")."""
+    text = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or "1"
+    match = re.match(r"\d+", text)
+    return max(1, int(match.group())) if match else 1
+
+
+def _preflight(cfg: Config, world_size: int, local_ranks: int) -> None:
+    from meshweave.core.mesh import device_type_for
+    from meshweave.launch.preflight import preflight
+
+    preflight(cfg, world_size, local_ranks, device_type_for(cfg.train.device))
 
 
 if __name__ == "__main__":

@@ -3,10 +3,15 @@
 Prints the mesh, every rank's coordinates, stage, layers and peers, parameter count, FLOPs per
 token, the pipeline bubble the schedule implies, and a per-rank memory estimate. The estimate
 is an analytic model (stated in the output), not a measurement.
+
+Nothing here grows with the size it describes: layer splits are ranges (a model of 10^7 layers
+costs no list), peers are computed from coordinates, and a world larger than MAX_RANK_ROWS ranks
+shows the first ranks, the last one and the count of the rest.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from meshweave.core.dims import ParallelDims
@@ -16,17 +21,50 @@ from meshweave.parallel.pipeline_split import split_layers
 from meshweave.parallel.schedules import is_multi_stage, stage_ids_of_rank, stage_style
 
 GIB = 2**30
+MAX_RANK_ROWS = 128  # worlds up to this size list every rank; larger ones the first HEAD_ROWS and the last
+HEAD_ROWS = 64
+Chunks = list[tuple[int, range]]  # (global stage index, its layers) of each chunk a pipeline rank runs
 
 
-def stage_layers(cfg: Config, pp: int) -> dict[int, list[tuple[int, list[int]]]]:
-    """(stage index, layers) of each pipeline rank's chunks, with the split and placement the
-    pipeline uses (even or cost-weighted split; loop or V placement of virtual stages)."""
-    p = cfg.parallel
-    virtual = p.virtual_stages if pp > 1 and is_multi_stage(p.pp_schedule) else 1
+class _EvenSplit(Sequence):
+    """The layers of each stage of an even split, computed on demand (as pipeline_split.split_even lists them)."""
+
+    def __init__(self, n_layers: int, n_stages: int) -> None:
+        self.per, self.n_stages = n_layers // n_stages, n_stages
+
+    def __len__(self) -> int:
+        return self.n_stages
+
+    def __getitem__(self, stage: int) -> range:  # type: ignore[override]
+        return range(stage * self.per, (stage + 1) * self.per)
+
+
+def _virtual(cfg: Config, pp: int) -> int:
+    return cfg.parallel.virtual_stages if pp > 1 and is_multi_stage(cfg.parallel.pp_schedule) else 1
+
+
+def stage_splits(cfg: Config, pp: int) -> Sequence[range]:
+    """The layers of every global stage, with the split the pipeline uses (even, or cost-weighted: the
+    validation bounds the size of a cost split)."""
+    n_stages = pp * _virtual(cfg, pp)
     spec = model_spec(cfg.model.kind)
-    layers = split_layers(spec, cfg.model, cfg.train.seq_len, pp * virtual, p.pp_split if pp > 1 else "even")
-    return {r: [(s, layers[s]) for s in stage_ids_of_rank(r, pp, virtual, stage_style(p.pp_schedule))]
-            for r in range(pp)}
+    if pp == 1 or cfg.parallel.pp_split == "even":
+        return _EvenSplit(spec.num_layers(cfg.model), n_stages)
+    layers = split_layers(spec, cfg.model, cfg.train.seq_len, n_stages, cfg.parallel.pp_split)
+    return [range(ls[0], ls[-1] + 1) for ls in layers]
+
+
+def rank_chunks(cfg: Config, pp: int, rank: int, splits: Sequence[range] | None = None) -> Chunks:
+    """(stage index, layers) of pipeline rank `rank`'s chunks (loop or V placement of virtual stages)."""
+    splits = stage_splits(cfg, pp) if splits is None else splits
+    ids = stage_ids_of_rank(rank, pp, _virtual(cfg, pp), stage_style(cfg.parallel.pp_schedule))
+    return [(s, splits[s]) for s in ids]
+
+
+def stage_layers(cfg: Config, pp: int) -> dict[int, Chunks]:
+    """(stage index, layers) of each pipeline rank's chunks (every rank: use `rank_chunks` for one)."""
+    splits = stage_splits(cfg, pp)
+    return {r: rank_chunks(cfg, pp, r, splits) for r in range(pp)}
 
 
 def bubble_fraction(schedule: str, pp: int, microbatches: int, virtual: int) -> float:
@@ -54,12 +92,13 @@ class MemoryEstimate:
         return self.state_bytes + self.activation_bytes
 
 
-def memory_per_rank(cfg: Config, dims: ParallelDims, stage: int) -> MemoryEstimate:
+def memory_per_rank(cfg: Config, dims: ParallelDims, stage: int, splits: Sequence[range] | None = None) -> MemoryEstimate:
     """Weights+grads+AdamW (16 B/param fp32, sharded by FSDP over dp*sp) + activations in flight.
-    `stage` is the pipeline rank; its chunks' layers come from `stage_layers`."""
+    `stage` is the pipeline rank; its chunks' layers come from `rank_chunks` (pass `splits`, from
+    `stage_splits`, when estimating several ranks)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     spec = model_spec(m.kind)
-    chunks = stage_layers(cfg, dims.pp)[stage]
+    chunks = rank_chunks(cfg, dims.pp, stage, splits)
     n_stages = dims.pp * len(chunks)
     layers = sum(len(ls) for _, ls in chunks)
     holds_first, holds_last = any(s == 0 for s, _ in chunks), any(s == n_stages - 1 for s, _ in chunks)
@@ -76,6 +115,14 @@ def memory_per_rank(cfg: Config, dims: ParallelDims, stage: int) -> MemoryEstima
     in_flight = min(dims.pp - stage, p.microbatches) if dims.pp > 1 else 1
     activations = tokens * per_layer * layers * in_flight + tokens * spec.output_width(m) / dims.tp * 4 * holds_last
     return MemoryEstimate(params, state, activations)
+
+
+def worst_memory(cfg: Config, dims: ParallelDims, splits: Sequence[range] | None = None) -> MemoryEstimate:
+    """The largest per-rank estimate over the pipeline ranks. Past 1024 stages the split is even (a cost
+    split that large is refused by validation), where the first and last ranks bound the others."""
+    splits = stage_splits(cfg, dims.pp) if splits is None else splits
+    candidates = range(dims.pp) if dims.pp <= 1024 else (0, dims.pp - 1)
+    return max((memory_per_rank(cfg, dims, s, splits) for s in candidates), key=lambda e: e.total)
 
 
 def picked_defaults(given: Config, resolved: Config) -> list[str]:
@@ -95,40 +142,72 @@ def render_plan(cfg: Config, dims: ParallelDims, picked: list[str] | None = None
     """The plan text for a resolved config; `picked` lists the values meshweave chose (see picked_defaults)."""
     p, m, t = cfg.parallel, cfg.model, cfg.train
     spec = model_spec(m.kind)
-    lines = [f"mesh (pp, dp, sp, tp) = {dims.shape()} over {dims.world_size} ranks; "
-             f"data parallel: {p.dp_mode} over dp*sp = {dims.dp * dims.sp} ranks"]
+    lines = [f"mesh (pp, dp, sp, tp) = {dims.shape()} over {dims.world_size:,} ranks; "
+             f"data parallel: {p.dp_mode} over dp*sp = {dims.dp * dims.sp:,} ranks"]
     lines.append(f"model: {m.kind}, {spec.parameter_count(m):,} parameters, "
                  f"{spec.flops_per_token(m, t.seq_len):,.0f} training FLOPs/token (seq_len {t.seq_len}, causal)")
     if dims.sp > 1:
         extra = f" (ulysses {p.usp.ulysses} x ring {p.usp.ring})" if p.sp_method == "usp" else ""
         lines.append(f"sequence parallel: {p.sp_method}{extra}, {t.seq_len // dims.sp} tokens per rank")
-    layers = stage_layers(cfg, dims.pp)
+    splits = stage_splits(cfg, dims.pp)
     if dims.pp > 1:
         v = p.virtual_stages
         lines.append(f"pipeline: {p.pp_schedule}, {p.microbatches} microbatches, {v} chunk(s) per rank, "
                      f"{p.pp_split} layer split; ideal bubble fraction "
                      f"{bubble_fraction(p.pp_schedule, dims.pp, p.microbatches, v):.3f}")
-        for r, chunks in layers.items():
-            lines.append(f"  pp rank {r}: " + ", ".join(f"stage {st} = layers {ls[0]}-{ls[-1]}" for st, ls in chunks))
+        for r in _shown(dims.pp, 8):
+            if r is None:
+                lines.append(f"  ... {dims.pp - 9:,} more pp ranks")
+                continue
+            chunks = rank_chunks(cfg, dims.pp, r, splits)
+            lines.append(f"  pp rank {r}: " + ", ".join(f"stage {st} = layers {_layers(ls)}" for st, ls in chunks))
     lines += [f"picked: {note}" for note in picked or []]
     lines.append("")
     lines.append(f"{'rank':>5} {'pp':>3} {'dp':>3} {'sp':>3} {'tp':>3}  {'layers':<14} {'dp peers':<16} "
                  f"{'sp peers':<16} {'tp peers':<16} {'mem GiB':>8}")
-    for rank in range(dims.world_size):
+    memory: dict[int, MemoryEstimate] = {}
+    for rank in _shown(dims.world_size, HEAD_ROWS if dims.world_size > MAX_RANK_ROWS else dims.world_size):
+        if rank is None:
+            lines.append(f"{'...':>5} {dims.world_size - HEAD_ROWS - 1:,} more ranks not listed (the first "
+                         f"{HEAD_ROWS} and the last are)")
+            continue
         c = dims.coordinate(rank)
         peers = {a: _peers(dims, rank, a) for a in ("dp", "sp", "tp")}
-        chunks = "+".join(f"{ls[0]}-{ls[-1]}" if ls else "-" for _, ls in layers[c["pp"]])
-        mem = memory_per_rank(cfg, dims, c["pp"])
+        chunks = _chunks_text(rank_chunks(cfg, dims.pp, c["pp"], splits))
+        mem = memory.setdefault(c["pp"], memory_per_rank(cfg, dims, c["pp"], splits))
         lines.append(f"{rank:>5} {c['pp']:>3} {c['dp']:>3} {c['sp']:>3} {c['tp']:>3}  {chunks:<14} "
                      f"{peers['dp']:<16} {peers['sp']:<16} {peers['tp']:<16} {mem.total / GIB:>8.3f}")
-    worst = max((memory_per_rank(cfg, dims, s) for s in range(dims.pp)), key=lambda e: e.total)
+    worst = worst_memory(cfg, dims, splits)
     lines.append("")
     lines.append(f"memory per rank (estimate, worst stage): {worst.params:,} parameters held, "
                  f"{worst.state_bytes / GIB:.3f} GiB weights+grads+AdamW, {worst.activation_bytes / GIB:.3f} GiB activations")
     return "\n".join(lines)
 
 
+def _shown(count: int, head: int) -> list[int | None]:
+    """Indices listed for `count` items: all when head covers them, else 0..head-1, None (a gap), count-1."""
+    return list(range(count)) if count <= head + 1 else [*range(head), None, count - 1]
+
+
+def _layers(ls: range) -> str:
+    return f"{ls[0]}-{ls[-1]}" if ls else "-"
+
+
+def _chunks_text(chunks: Chunks) -> str:
+    if len(chunks) <= 4:
+        return "+".join(_layers(ls) for _, ls in chunks)
+    return f"{_layers(chunks[0][1])}+..+{_layers(chunks[-1][1])}"
+
+
 def _peers(dims: ParallelDims, rank: int, axis: str) -> str:
-    group = next(g for g in dims.groups((axis,)) if rank in g)
-    text = ",".join(map(str, group))
-    return text if len(text) <= 16 else f"{group[0]}..{group[-1]}/{len(group)}"
+    """The ranks that differ from `rank` only along `axis`, from its coordinate (no group is listed)."""
+    size, coord = getattr(dims, axis), dims.coordinate(rank)
+
+    def member(i: int) -> int:
+        return dims.rank_of(**{**coord, axis: i})
+
+    if size <= 8:
+        text = ",".join(str(member(i)) for i in range(size))
+        if len(text) <= 16:
+            return text
+    return f"{member(0)}..{member(size - 1)}/{size}"

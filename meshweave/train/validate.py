@@ -3,17 +3,23 @@
 Runs before any process starts and imports no torch. `resolve_defaults(cfg, world_size)` fills the
 values left to meshweave (pipeline microbatches, USP degrees); `validate(cfg, world_size)` returns
 the problems of the first failing rule group; `check(cfg, world_size)` raises a ConfigError with the
-first one. The model's own rules come from its spec; the layout's from `ParallelDims`.
+first one (a `PathError`, its subclass, when the config names paths this machine cannot use). The
+numeric ranges are declared beside each field (core/schema.py, the model kinds' configs) and checked
+first; the model's own rules come from its spec; the layout's from `ParallelDims`. No rule iterates
+over ranks, layers or batch rows without a bound, so an absurd size is an error, never a hang.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from meshweave.attention.validate import max_ulysses_degree, validate_sp
 from meshweave.checkpoint.settings import validate_checkpoint_settings
+from meshweave.core.config import _short, range_problems
 from meshweave.core.dims import layout_problems, resolved_dp
 from meshweave.core.errors import ConfigError
 from meshweave.core.schema import Config, UspConfig
@@ -22,25 +28,42 @@ from meshweave.models.registry import model_spec
 from meshweave.models.spec import ParallelLayout
 from meshweave.parallel.schedules import SCHEDULE_CLASSES, is_multi_stage, stage_style
 
+# Largest cost-balanced pipeline split planned (stages * layers^2 steps of its dynamic programme).
+COST_SPLIT_BUDGET = 20_000_000
+# Pipeline microbatch counts tried above pp when picking one (the per-rank batch itself always fits).
+MICROBATCH_SEARCH = 100_000
+
+
+class PathError(ConfigError):
+    """The config names a path this machine cannot use (missing data, a directory it cannot write).
+    Reported like any config error, before any process starts; the CLI exits with 3 (data/filesystem)."""
+
+
+Rule = Callable[[Config, int], list[str]]
+
 
 def check(cfg: Config, world_size: int) -> None:
-    problems = validate(cfg, world_size)
+    problems, rule = _first_problems(cfg, world_size)
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-        raise ConfigError(problems[0] + more)
+        raise (PathError if rule in (_data, _paths) else ConfigError)(problems[0] + more)
 
 
 def validate(cfg: Config, world_size: int) -> list[str]:
     """Problems of the first failing rule group (later rules assume the earlier ones hold)."""
-    problems = layout_problems(cfg.parallel, world_size)
+    return _first_problems(cfg, world_size)[0]
+
+
+def _first_problems(cfg: Config, world_size: int) -> tuple[list[str], Rule | None]:
+    problems = range_problems(cfg) or layout_problems(cfg.parallel, world_size)
     if problems:
-        return problems
+        return problems, None
     cfg = resolve_defaults(cfg, world_size)
     for rule in (_model, _tensor_parallel, _pipeline, _sequence_parallel, _batch, _train, _data, _checkpoint, _paths):
         problems = rule(cfg, world_size)
         if problems:
-            return problems
-    return []
+            return problems, rule
+    return [], None
 
 
 def resolve_defaults(cfg: Config, world_size: int) -> Config:
@@ -58,8 +81,8 @@ def _default_microbatches(cfg: Config, world: int) -> int:
     if p.pp == 1:
         return 1
     local = max(1, cfg.train.global_batch // max(1, resolved_dp(p, world)))
-    fitting = [m for m in range(p.pp, local + 1) if local % m == 0]
-    return fitting[0] if fitting else local
+    search = range(p.pp, min(local, p.pp + MICROBATCH_SEARCH) + 1)  # bounded: local itself always divides
+    return next((m for m in search if local % m == 0), local)
 
 
 def _default_usp(cfg: Config) -> UspConfig:
@@ -70,7 +93,9 @@ def _default_usp(cfg: Config) -> UspConfig:
     ulysses = p.usp.ulysses
     if ulysses == 0:
         tp = p.tp if p.tp >= 1 and heads % p.tp == 0 and kv_heads % p.tp == 0 else 1
-        ulysses = max_ulysses_degree(heads // tp, kv_heads // tp, p.sp)
+        # A Ulysses degree divides both sp and the heads: searching the divisors of their gcd finds the same
+        # degree as searching sp's, in at most n_heads steps however large sp is.
+        ulysses = max_ulysses_degree(heads // tp, kv_heads // tp, math.gcd(p.sp, heads // tp))
     ring = p.usp.ring or (p.sp // ulysses if ulysses > 0 and p.sp % ulysses == 0 else 0)
     return dataclasses.replace(p.usp, ulysses=ulysses, ring=ring)
 
@@ -105,7 +130,7 @@ def _pipeline(cfg: Config, world: int) -> list[str]:
         return []
     names = list(SCHEDULE_CLASSES)
     if p.pp_schedule not in names:
-        return [f"parallel.pp_schedule: {p.pp_schedule!r} is not available; choose one of {', '.join(names)}"]
+        return [f"parallel.pp_schedule: {_short(p.pp_schedule)} is not available; choose one of {', '.join(names)}"]
     if p.virtual_stages < 1:
         return [f"parallel.virtual_stages: {p.virtual_stages} must be >= 1"]
     if is_multi_stage(p.pp_schedule) != (p.virtual_stages > 1):
@@ -115,6 +140,9 @@ def _pipeline(cfg: Config, world: int) -> list[str]:
         return [f"parallel.virtual_stages: schedule {p.pp_schedule} places exactly 2 stages per rank (V shape); "
                 f"set virtual_stages: 2"]
     stages = p.pp * p.virtual_stages
+    if p.pp_split == "cost" and stages * layers ** 2 > COST_SPLIT_BUDGET:
+        return [f"parallel.pp_split: balancing {layers} layers over {stages} stages by cost is too large to plan "
+                f"(stages*layers^2 = {stages * layers ** 2:.3g} > {COST_SPLIT_BUDGET:.0e}); use pp_split: even"]
     if p.pp_split == "even" and layers % stages:
         return [f"model.n_layers: {layers} layers do not split evenly into pp*virtual_stages = {stages} stages; "
                 f"change n_layers, pp or virtual_stages, or set parallel.pp_split: cost"]
@@ -130,10 +158,15 @@ def _sequence_parallel(cfg: Config, world: int) -> list[str]:
     p, seq = cfg.parallel, cfg.train.seq_len
     if p.sp == 1:
         return []
+    if p.sp > seq:
+        return [f"parallel.sp: {p.sp} ranks cannot share a sequence of train.seq_len {seq} tokens; use sp <= seq_len"]
+    heads, kv_heads = model_spec(cfg.model.kind).attention_heads(cfg.model)
+    if p.sp_method == "ulysses" and p.sp > heads // p.tp:
+        return [f"parallel.sp: ulysses splits the attention heads over sp, but sp {p.sp} > the {heads // p.tp} heads per "
+                f"tensor-parallel rank; use sp_method: ring or usp"]
     if p.sp_method == "usp" and p.usp.ulysses * p.usp.ring != p.sp:
         return [f"parallel.usp: ulysses*ring = {p.usp.ulysses}*{p.usp.ring} = {p.usp.ulysses * p.usp.ring} must equal "
                 f"parallel.sp ({p.sp}); e.g. usp: {{ulysses: 2, ring: {max(1, p.sp // 2)}}}"]
-    heads, kv_heads = model_spec(cfg.model.kind).attention_heads(cfg.model)
     usp = p.usp.ulysses if p.sp_method == "usp" else None
     return validate_sp(p.sp_method, heads // p.tp, kv_heads // p.tp, p.sp, seq, usp)
 
@@ -157,28 +190,18 @@ def _batch(cfg: Config, world: int) -> list[str]:
 
 
 def _train(cfg: Config, world: int) -> list[str]:
-    t = cfg.train
-    if t.steps < 1:
-        return [f"train.steps: {t.steps} must be >= 1"]
-    if t.seq_len < 2:
-        return [f"train.seq_len: {t.seq_len} must be >= 2"]
-    if t.lr <= 0:
-        return [f"train.lr: {t.lr} must be > 0"]
+    t = cfg.train  # the ranges of single fields (steps >= 1, lr > 0, ...) are checked first, from the schema
     if t.warmup_steps is not None and not 0 <= t.warmup_steps <= t.steps:
         return [f"train.warmup_steps: {t.warmup_steps} must be between 0 and train.steps ({t.steps})"]
     if t.device == "cuda" and not _cuda_available():
         return ["train.device: cuda was asked for but no CUDA device is visible; use device: auto or cpu"]
-    if t.nproc < 1:
-        return [f"train.nproc: {t.nproc} must be >= 1"]
-    if cfg.logging.every_steps < 1:
-        return [f"logging.every_steps: {cfg.logging.every_steps} must be >= 1"]
     return []
 
 
 def _data(cfg: Config, world: int) -> list[str]:
     d = cfg.data
     if d.source == "path" and (d.path is None or not Path(d.path).exists()):
-        return [f"data.path: {d.path!r} does not exist; give a text file or a directory of .txt/.md/.py files"]
+        return [f"data.path: {_short(d.path)} does not exist; give a text file or a directory of .txt/.md/.py files"]
     return []
 
 
@@ -193,7 +216,7 @@ def _paths(cfg: Config, world: int) -> list[str]:
     for field, value in (("run_dir", cfg.run_dir), ("checkpoint.dir", cfg.checkpoint.dir),
                          ("checkpoint.persistent_dir", cfg.checkpoint.persistent_dir)):
         if value is not None and not _writable(Path(value)):
-            problems.append(f"{field}: {value!r} is not writable; choose a directory you can write to")
+            problems.append(f"{field}: {_short(value)} is not writable; choose a directory you can write to")
     return problems
 
 
