@@ -64,7 +64,7 @@ def run_standalone(cfg: Config, nproc: int) -> int:
             try:
                 workdir = Path(tempfile.mkdtemp(prefix="meshweave-launch-"))
                 created = make_run_dir(cfg)
-                print(f"meshweave: training on {nproc} local process(es); run dir {cfg.run_dir}", flush=True)
+                print(f"meshweave: training on {nproc} local process(es); run dir {Path(cfg.run_dir).resolve()}", flush=True)
                 status, trained = _launch(cfg, nproc, workdir)
             except SignalException as err:  # after the checks, before torch elastic took over the signals
                 status, trained = _report_interrupt({}, err.sigval), False
