@@ -202,6 +202,7 @@ def test_worker_that_dies_without_a_report_is_named(tmp_path):
     assert "without reporting an error (no traceback)" in line
 
 
+@pytest.mark.slow  # the four-worker trials below kill a worker too
 def test_worker_killed_from_outside_is_named(tmp_path):
     run = Run(tmp_path, [*TINY, *LONG, "--set", f"run_dir={tmp_path}/run"])
     run.wait_for_step(2)
@@ -255,6 +256,7 @@ def test_sigterm_during_start_up_leaves_no_run_dir(tmp_path):
     assert_no_run_dir(run_dir)
 
 
+@pytest.mark.slow  # waits out the watchdog
 def test_rank_stuck_on_a_frozen_peer_is_ended_by_its_watchdog(tmp_path):
     """Rank 1 frozen (SIGSTOP) holds rank 0 in a collective: after SIGTERM rank 0 cannot reach a step
     boundary, its watchdog ends it; torch elastic kills the frozen one after the shutdown timeout."""
