@@ -9,7 +9,10 @@ same inputs (B=1, causal, fp32 by default):
 It reports forward and forward+backward wall time (median over repetitions, slowest rank; the
 repetitions are interleaved across methods so that all see the same background load),
 efficiency against one process doing the whole sequence (T_1 / (P * T_P), measured on the same
-workers with the same thread count), payload bytes per rank from the CommLedger (meshweave and the
+workers with the same thread count), efficiency against one process using the same total cores
+(T_1,P-threads / T_P: P processes x t threads vs 1 process x P*t threads, capped at the machine's
+cores; >= 1 means splitting the sequence over processes beats multithreading one process), speed
+against the best peer, payload bytes per rank from the CommLedger (meshweave and the
 all-gather baseline; the peers bypass it, so their bytes are given analytically or as n/a), and
 peak RSS growth per rank during one forward+backward.
 
@@ -30,6 +33,7 @@ import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -162,6 +166,17 @@ def _reset_peak_rss() -> None:
         pass
 
 
+@contextmanager
+def _threads(n: int):
+    """Run the block with `n` intra-op threads (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _time_once(fn, sync: bool) -> float:
     """Wall time of one call; with `sync`, ranks start together and the slowest rank's time counts."""
     if sync:
@@ -210,6 +225,7 @@ def bench_task(seq_lens: list[int], heads: int, kv_heads_list: list[int], head_d
     """Runs on every rank: all methods at every (kv heads, sequence length). Returns rank-0-style rows."""
     rank, size = dist.get_rank(), dist.get_world_size()
     ranks = list(range(size))
+    same_cores = min(size * torch.get_num_threads(), os.cpu_count() or 1)  # all workers' threads, capped at the cores
     pgs = [dist.new_group(ranks)]
     sp = CommGroup("sp", pgs[0], ranks, CommLedger())
     u = 2 if size >= 4 else None
@@ -249,8 +265,12 @@ def bench_task(seq_lens: list[int], heads: int, kv_heads_list: list[int], head_d
             v=torch.randn(1, n, kv_heads, head_dim, generator=gen).to(dt),
             dout=torch.randn(1, n, heads, head_dim, generator=gen).to(dt),
         )
-        # single-process reference: the whole sequence on rank 0 (the others wait at the barrier)
+        # single-process reference: the whole sequence on rank 0 (the others wait at the barrier), timed
+        # with this worker's threads and with the threads of all P workers together (same total cores)
         single = _prepare(local_attention, "local", full, causal, 0, 1, []) if rank == 0 else None
+        if single is not None:
+            with _threads(same_cores):
+                single[1]()  # warm-up of the wider OpenMP team
         dist.barrier()
         entries, here = [], []
         for label, layout, op, ledgers, note in methods:
@@ -268,10 +288,14 @@ def bench_task(seq_lens: list[int], heads: int, kv_heads_list: list[int], head_d
             here.append(row)
         # Interleaved rounds: every method (and the single process) sees the same background load.
         single_t: tuple[list, list] = ([], [])
+        single_mt: tuple[list, list] = ([], [])
         for _ in range(reps):
             if single is not None:
                 single_t[0].append(_time_once(single[0], False))
                 single_t[1].append(_time_once(single[1], False))
+                with _threads(same_cores):
+                    single_mt[0].append(_time_once(single[0], False))
+                    single_mt[1].append(_time_once(single[1], False))
             dist.barrier()
             for _row, fwd, fwdbwd, t_f, t_fb in entries:
                 t_f.append(_time_once(fwd, True))
@@ -281,6 +305,8 @@ def bench_task(seq_lens: list[int], heads: int, kv_heads_list: list[int], head_d
         if single is not None:
             for row in here:
                 row["single_fwd"], row["single_fwdbwd"] = statistics.median(single_t[0]), statistics.median(single_t[1])
+                row["single_mt_fwd"], row["single_mt_fwdbwd"] = statistics.median(single_mt[0]), statistics.median(single_mt[1])
+                row["threads_per_rank"], row["single_mt_threads"] = torch.get_num_threads(), same_cores
         rows += here
     for pg in pgs:
         dist.destroy_process_group(pg)
@@ -297,55 +323,111 @@ def analytic_bytes(method: str, p: int, n: int, heads: int, kv_heads: int, d: in
     return None
 
 
+PEERS = ("allgather-kv (naive)", "torch ring template", "deepspeed ulysses")
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Per timed row: efficiencies (same threads per process; same total cores), speed vs ring and vs the best peer."""
+    by_key: dict[tuple, list[dict]] = {}
+    for r in rows:
+        by_key.setdefault((r["P"], r["kv"], r["N"]), []).append(r)
+    for group in by_key.values():
+        timed = [r for r in group if "fwd" in r]
+        ring = next((r for r in timed if r["method"] == "ring"), None)
+        peers = [r for r in timed if r["method"] in PEERS]
+        best = {k: min(peers, key=lambda r: r[k]) if peers else None for k in ("fwd", "fwdbwd")}
+        for r in timed:
+            r["eff_fwd"] = r["single_fwd"] / (r["P"] * r["fwd"])
+            r["eff_fwdbwd"] = r["single_fwdbwd"] / (r["P"] * r["fwdbwd"])
+            r["vs_same_cores_fwd"] = r["single_mt_fwd"] / r["fwd"]
+            r["vs_same_cores_fwdbwd"] = r["single_mt_fwdbwd"] / r["fwdbwd"]
+            r["vs_ring_fwdbwd"] = ring["fwdbwd"] / r["fwdbwd"] if ring else None
+            if r["method"] not in PEERS:
+                for k in ("fwd", "fwdbwd"):
+                    r[f"best_peer_{k}"] = best[k]["method"] if best[k] else None
+                    r[f"vs_best_peer_{k}"] = best[k][k] / r[k] if best[k] else None
+
+
+def _ratio(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}"
+
+
 def write_report(rows: list[dict], args) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
+    add_ratios(rows)
     elem = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
+    threads = sorted({(r["P"], r["threads_per_rank"], r["single_mt_threads"]) for r in rows if "single_mt_threads" in r})
     lines = [
         "# Sequence-parallel attention on CPU (gloo)",
         "",
         f"B=1, heads={args.heads}, kv_heads in {args.kv_heads}, head_dim={args.head_dim}, {args.dtype}, "
         f"{'causal' if not args.full_mask else 'full mask'}; median of {args.reps} reps, slowest rank. "
         f"Machine: {os.cpu_count()} cores shared by all P processes (efficiency bound ~{os.cpu_count()}/P). "
-        f"torch {torch.__version__}. Load average (1/5/15 min) at the end of the run: "
+        f"torch {torch.__version__}. Load average (1/5/15 min) at the start: {args.load_start}, at the end of the run: "
         f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} (other jobs share the machine: expect noise).",
         "",
-        "Efficiency = T_single / (P * T_P); 'vs ring' = meshweave ring time / method time (>1 is faster). "
+        "Columns: eff = T_single / (P * T_P), the single process with one worker's threads; "
+        "'vs 1 proc same cores' = T_single(P x t threads) / T_P, one process given the threads of all P workers "
+        "together (capped at the machine's cores: " + ", ".join(f"P={p}: {t} thread(s) per rank vs {m} in one process"
+                                                           for p, t, m in threads) + "); > 1: the P processes are faster. "
+        "'vs ring' = meshweave ring time / method time; 'vs best peer' = fastest peer's time / method time "
+        "(meshweave methods only; >= 1: at least as fast as every peer). "
         "Bytes = payload handed to communication calls per rank for one fwd+bwd (ledger; '~' analytic).",
         "",
-        "| P | kv heads | N | method | fwd ms | fwd+bwd ms | eff fwd | eff fwd+bwd | vs ring (fwd+bwd) | MB/rank | calls | peak RSS MB | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| P | kv heads | N | method | fwd ms | fwd+bwd ms | eff fwd | eff fwd+bwd | vs 1 proc same cores fwd | "
+        "vs 1 proc same cores fwd+bwd | vs ring (fwd+bwd) | vs best peer fwd | vs best peer fwd+bwd | MB/rank | calls | "
+        "peak RSS MB | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    ring_time = {(r["P"], r["kv"], r["N"]): r.get("fwdbwd") for r in rows if r["method"] == "ring"}
     for r in rows:
         if "fwd" not in r:
-            lines.append(f"| {r['P']} | {r['kv']} | {r['N']} | {r['method']} | | | | | | | | | {r.get('note', '')} |")
+            lines.append(f"| {r['P']} | {r['kv']} | {r['N']} | {r['method']} |" + " |" * 12 + f" {r.get('note', '')} |")
             continue
-        eff_f = r["single_fwd"] / (r["P"] * r["fwd"])
-        eff_b = r["single_fwdbwd"] / (r["P"] * r["fwdbwd"])
-        vs = ring_time[(r["P"], r["kv"], r["N"])] / r["fwdbwd"]
         mb = r["bytes"] / 2**20 if r["bytes"] else None
-        note = r.get("note", "")
         if mb is None:
             ab = analytic_bytes(r["method"], r["P"], r["N"], args.heads, r["kv"], args.head_dim, elem)
             mb_s = f"~{ab / 2**20:.2f}" if ab else "n/a"
         else:
             mb_s = f"{mb:.2f}"
         lines.append(
-            f"| {r['P']} | {r['kv']} | {r['N']} | {r['method']} | {1e3 * r['fwd']:.1f} | {1e3 * r['fwdbwd']:.1f} | {eff_f:.2f} | "
-            f"{eff_b:.2f} | {vs:.2f} | {mb_s} | {r['calls'] or ''} | {r['peak_mb']:.0f} | {note} |"
+            f"| {r['P']} | {r['kv']} | {r['N']} | {r['method']} | {1e3 * r['fwd']:.1f} | {1e3 * r['fwdbwd']:.1f} | "
+            f"{r['eff_fwd']:.2f} | {r['eff_fwdbwd']:.2f} | {r['vs_same_cores_fwd']:.2f} | {r['vs_same_cores_fwdbwd']:.2f} | "
+            f"{_ratio(r['vs_ring_fwdbwd'])} | {_ratio(r.get('vs_best_peer_fwd'))} | {_ratio(r.get('vs_best_peer_fwdbwd'))} | "
+            f"{mb_s} | {r['calls'] or ''} | {r['peak_mb']:.0f} | {r.get('note', '')} |"
         )
-    single = {(r["P"], r["kv"], r["N"]): (r["single_fwd"], r["single_fwdbwd"]) for r in rows if "single_fwd" in r}
-    lines += ["", "Single process, whole sequence (measured on rank 0 of each P-process pool, others idle):", "",
-              "| pool P | kv heads | N | fwd ms | fwd+bwd ms |", "|---|---|---|---|---|"]
-    lines += [f"| {p} | {kv} | {n} | {1e3 * f:.1f} | {1e3 * b:.1f} |" for (p, kv, n), (f, b) in sorted(single.items())]
+    lines += ["", "meshweave vs the fastest peer (fwd+bwd; ratio = peer time / ours, < 1 means the peer is faster):", "",
+              "| P | kv heads | N | fastest peer | " + " | ".join(_ours(rows)) + " |",
+              "|---|---|---|---|" + "---|" * len(_ours(rows))]
+    for key in dict.fromkeys((r["P"], r["kv"], r["N"]) for r in rows):
+        group = {r["method"]: r for r in rows if (r["P"], r["kv"], r["N"]) == key and "fwd" in r}
+        peer = next((r.get("best_peer_fwdbwd") for r in group.values() if r.get("best_peer_fwdbwd")), None)
+        if peer is None:
+            continue
+        cells = []
+        for m in _ours(rows):
+            ratio = group[m].get("vs_best_peer_fwdbwd") if m in group else None
+            cells.append("" if ratio is None else (f"{ratio:.2f}" if round(ratio, 2) >= 1 else f"**{ratio:.2f}**"))
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {peer} ({1e3 * group[peer]['fwdbwd']:.1f} ms) | " + " | ".join(cells) + " |")
+    single = {(r["P"], r["kv"], r["N"]): r for r in rows if "single_fwd" in r}
+    lines += ["", "Single process, whole sequence (measured on rank 0 of each P-process pool, others idle; "
+              "t = one worker's threads, T = all workers' threads capped at the cores):", "",
+              "| pool P | kv heads | N | fwd ms (t) | fwd+bwd ms (t) | fwd ms (T) | fwd+bwd ms (T) | t | T |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {p} | {kv} | {n} | {1e3 * r['single_fwd']:.1f} | {1e3 * r['single_fwdbwd']:.1f} | "
+              f"{1e3 * r['single_mt_fwd']:.1f} | {1e3 * r['single_mt_fwdbwd']:.1f} | {r['threads_per_rank']} | "
+              f"{r['single_mt_threads']} |" for (p, kv, n), r in sorted(single.items())]
     lines += ["", f"Command: `{' '.join(['python', *sys.argv])}`", ""]
-    (RESULTS / "attention.md").write_text("\n".join(lines))
-    (RESULTS / "attention.json").write_text(json.dumps(rows, indent=1))
-    _plot(rows)
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(rows, indent=1))
+    _plot(rows, RESULTS / f"{args.name}.png")
     print("\n".join(lines))
 
 
-def _plot(rows: list[dict]) -> None:
+def _ours(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["method"] for r in rows if r["method"] not in PEERS))
+
+
+def _plot(rows: list[dict], path: Path) -> None:
     try:
         import matplotlib
 
@@ -366,10 +448,13 @@ def _plot(rows: list[dict]) -> None:
                 ax.plot(*zip(*pts), marker="o", label=method, color=color)
         single = sorted({(r["N"], 1e3 * r["single_fwdbwd"] / p) for r in sel if "single_fwdbwd" in r})
         ax.plot(*zip(*single), "k--", label="single process / P (ideal)")
+        same_cores = sorted({(r["N"], 1e3 * r["single_mt_fwdbwd"]) for r in sel if "single_mt_fwdbwd" in r})
+        if same_cores:
+            ax.plot(*zip(*same_cores), "k:", label="1 process, all P workers' threads")
         ax.set(title=f"fwd+bwd, P={p}, kv heads={kv}", xlabel="sequence length", ylabel="ms", xscale="log", yscale="log")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "attention.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -383,7 +468,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--full-mask", action="store_true", help="non-causal attention")
+    ap.add_argument("--name", default="attention", help="results file stem under benchmarks/results/")
     args = ap.parse_args()
+    args.load_start = "/".join(f"{x:.1f}" for x in os.getloadavg())
     if args.quick:
         args.seq_lens, args.reps = [512, 1024], 2
     # the workers import the task by module name, not from __main__

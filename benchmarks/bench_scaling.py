@@ -1,46 +1,80 @@
-"""Scaling efficiency of data-parallel layouts, side by side in one run, with the real trainer.
+"""Scaling efficiency of data- and tensor-parallel layouts, side by side in one run, with the real trainer.
 
 For each layout the same global batch is trained for a few steps; we report the median step time,
 global tokens/s, speed-up over one process and efficiency (speed-up / processes), and the
 data-parallel bytes each rank moved per step against the analytic volume (FSDP2: 3x the parameter
-shard all-gathered/reduce-scattered; DDP: one all-reduce of every gradient).
+shard all-gathered/reduce-scattered; DDP: one all-reduce of every gradient). Bytes need the comm
+ledger (`logging.comm_accounting`, off by default since it costs time: the TP counter is a Python
+dispatch mode); `--accounting both` times every layout with it off and on, interleaved.
 
 On a 2-core CPU machine the honest figures are the ratios and the byte counts; absolute numbers
 come from running the same script on a GPU cluster (`--device cuda` under torchrun is not needed:
 the script starts its own local processes).
 
     python benchmarks/bench_scaling.py [--quick] [--out benchmarks/results]
+    python benchmarks/bench_scaling.py --layouts dp2-fsdp tp2 --accounting both --rounds 3
+
+Before/after a change: `--before-after TREE` runs, in interleaved rounds, (1) the benchmark script of
+the checkout TREE with its own code (PYTHONPATH=TREE), (2) this script's measurement on TREE's code
+for layouts that script lacks (e.g. tp2; only the import paths differ), and (3) this script on this
+checkout with accounting off and on, and writes scaling_before_after.{md,json}:
+
+    git worktree add /tmp/mw_before f1651b4
+    python benchmarks/bench_scaling.py --before-after /tmp/mw_before --layouts dp2-fsdp dp2-ddp tp2 --quick --rounds 3
+
+The same script runs on both trees: imports fall back to the layout before the core/train split.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from meshweave.models.llama.flops import parameter_count
-from meshweave.train.build import build_trainer
-from meshweave.train.config import load_config
+try:  # this checkout
+    from meshweave.models.llama.flops import parameter_count
+    from meshweave.train.build import build_trainer
+    from meshweave.train.config import load_config
+except ImportError:  # checkouts before the core/ + train/ split (e.g. f1651b4), for --before-after
+    from meshweave.models import parameter_count
+    from meshweave.runtime.build import build_trainer
+    from meshweave.runtime.config import load_config
 from meshweave.testing import close_all_pools, run_distributed
 
-LAYOUTS = [
-    ("1 process", 1, []),
-    ("dp=2 fsdp", 2, ["parallel.dp=2", "parallel.dp_mode=fsdp"]),
-    ("dp=2 ddp", 2, ["parallel.dp=2", "parallel.dp_mode=ddp"]),
-    ("dp=2 fsdp + AC", 2, ["parallel.dp=2", "parallel.dp_mode=fsdp", "parallel.activation_checkpointing=true"]),
-    ("dp=2 fsdp accum=2", 2, ["parallel.dp=2", "parallel.dp_mode=fsdp", "train.grad_accum=2"]),
-]
+# key -> (label, processes, config overrides)
+LAYOUTS: dict[str, tuple[str, int, list[str]]] = {
+    "1": ("1 process", 1, []),
+    "dp2-fsdp": ("dp=2 fsdp", 2, ["parallel.dp=2", "parallel.dp_mode=fsdp"]),
+    "dp2-ddp": ("dp=2 ddp", 2, ["parallel.dp=2", "parallel.dp_mode=ddp"]),
+    "dp2-fsdp-ac": ("dp=2 fsdp + AC", 2, ["parallel.dp=2", "parallel.dp_mode=fsdp", "parallel.activation_checkpointing=true"]),
+    "dp2-fsdp-accum2": ("dp=2 fsdp accum=2", 2, ["parallel.dp=2", "parallel.dp_mode=fsdp", "train.grad_accum=2"]),
+    "tp2": ("tp=2", 2, ["parallel.dp=1", "parallel.tp=2"]),
+}
+# the layouts of the script before --layouts existed (what its own run measures)
+BEFORE_SCRIPT_LABELS = {label: key for key, (label, _, _) in LAYOUTS.items()}
+
+
+def has_accounting_option() -> bool:
+    """Whether this checkout's config has `logging.comm_accounting` (before it existed, accounting was always on)."""
+    cfg = load_config(None, [])
+    return any(f.name == "comm_accounting" for f in dataclasses.fields(cfg.logging))
 
 
 def _measure(overrides: list[str], steps: int, warmup: int) -> dict:
     # One process = one device: each gets one core's worth of threads, whatever the layout, so a
     # 1-process baseline is not an oversubscribed (OpenMP spin-waiting) multi-thread run.
     torch.set_num_threads(1)
+    import meshweave
+
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config(None, [f"train.steps={steps + warmup}", f"run_dir={run_dir}", "logging.jsonl=false",
                                  "data.max_bytes=1000000", *overrides])
@@ -48,15 +82,16 @@ def _measure(overrides: list[str], steps: int, warmup: int) -> dict:
         for _ in range(warmup):
             trainer.train_step()
         trainer.p.mesh.ledger.reset()
-        times = []
+        times, cpu = [], []
         for _ in range(steps):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             trainer.train_step()
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)  # all threads of this process: robust to other jobs' load
         ledger = trainer.p.mesh.ledger.snapshot()
         trainer.p.mesh.close()
-        return {"times": times, "ledger": ledger, "tokens": cfg.train.global_batch * cfg.train.seq_len,
-                "params": parameter_count(cfg.model)}
+        return {"times": times, "cpu": cpu, "ledger": ledger, "tokens": cfg.train.global_batch * cfg.train.seq_len,
+                "params": parameter_count(cfg.model), "meshweave": str(Path(meshweave.__file__).parent)}
 
 
 def _dp_bytes(ledger: dict, steps: int) -> float:
@@ -64,10 +99,14 @@ def _dp_bytes(ledger: dict, steps: int) -> float:
     return sum(ledger[k]["bytes"] for k in keys) / steps
 
 
+def _tp_bytes(ledger: dict, steps: int) -> float:
+    return sum(v["bytes"] for k, v in ledger.items() if k.startswith("tp/")) / steps
+
+
 def _analytic_dp_bytes(name: str, params: int, world: int) -> float:
     """Per rank per step, fp32. Approximate for FSDP2: every unit counted as all-gathered twice, while
     [norm + head] is gathered once (about 0.7% of the total here); tests/test_dp_volume.py has the exact formula."""
-    if world == 1:
+    if world == 1 or "dp=" not in name:
         return 0.0
     if "ddp" in name:
         return 4.0 * params
@@ -77,39 +116,88 @@ def _analytic_dp_bytes(name: str, params: int, world: int) -> float:
     return 4.0 * (accum * 2 * shard + world * shard)
 
 
+def measure_layouts(keys: list[str], accounting: list[str], steps: int, warmup: int, rounds: int) -> list[dict]:
+    """Every (layout, accounting) `rounds` times, interleaved; one row per pair (median over rounds
+    of the per-round median step time, slowest rank)."""
+    accounting_option = has_accounting_option()
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for r in range(rounds):
+        for key in keys:
+            label, world, overrides = LAYOUTS[key]
+            for acc in accounting:
+                extra = [f"logging.comm_accounting={'true' if acc == 'on' else 'false'}"] if accounting_option else []
+                res = run_distributed(_measure, world, [*overrides, *extra], steps, warmup, timeout=900)
+                runs.setdefault((key, acc), []).append(res)
+                step = max(statistics.median(x["times"]) for x in res)
+                print(f"round {r + 1}/{rounds} {label:>20} accounting {acc if accounting_option else 'always on'}: "
+                      f"{step * 1e3:8.1f} ms/step", flush=True)
+    close_all_pools()
+    rows = []
+    for (key, acc), results in runs.items():
+        label, world, _ = LAYOUTS[key]
+        per_round = [max(statistics.median(x["times"]) for x in res) for res in results]
+        cpu_round = [max(statistics.median(x["cpu"]) for x in res) for res in results]
+        # best step (slowest rank of each step): other jobs' load only ever adds time, so the minimum is the
+        # least noisy estimate on a shared machine
+        best = min(max(steps_) for res in results for steps_ in zip(*(x["times"] for x in res)))
+        best_cpu = min(max(steps_) for res in results for steps_ in zip(*(x["cpu"] for x in res)))
+        first = results[0][0]
+        rows.append({"key": key, "layout": label, "world": world,
+                     "accounting": acc if accounting_option else "always on",
+                     "step_s": statistics.median(per_round), "step_s_rounds": per_round,
+                     "cpu_s": statistics.median(cpu_round), "cpu_s_rounds": cpu_round,
+                     "best_step_s": best, "best_cpu_s": best_cpu,
+                     "tokens_per_s": first["tokens"] / statistics.median(per_round),
+                     "dp_bytes": _dp_bytes(first["ledger"], steps), "tp_bytes": _tp_bytes(first["ledger"], steps),
+                     "dp_bytes_analytic": _analytic_dp_bytes(label, first["params"], world),
+                     "meshweave": first["meshweave"]})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer steps (about a minute)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=list(LAYOUTS),
+                        help="layouts to time (default: all; '1' is always added as the speed-up baseline)")
+    parser.add_argument("--accounting", choices=("off", "on", "both"), default="off",
+                        help="logging.comm_accounting for every layout (both: each layout twice, interleaved)")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of the whole set")
+    parser.add_argument("--raw-json", help="write the rows here and nothing else (used by --before-after)")
+    parser.add_argument("--before-after", metavar="TREE", help="compare with the checkout at TREE (see the docstring)")
     args = parser.parse_args()
     steps, warmup = (4, 1) if args.quick else (12, 2)
-    rows = []
-    for name, world, overrides in LAYOUTS:
-        res = run_distributed(_measure, world, overrides, steps, warmup, timeout=900)
-        step_time = max(statistics.median(r["times"]) for r in res)
-        rows.append({"layout": name, "world": world, "step_s": step_time, "tokens_per_s": res[0]["tokens"] / step_time,
-                     "dp_bytes": _dp_bytes(res[0]["ledger"], steps),
-                     "dp_bytes_analytic": _analytic_dp_bytes(name, res[0]["params"], world)})
-        print(f"{name:>20}: {step_time * 1e3:8.1f} ms/step", flush=True)
-    close_all_pools()
-    base = rows[0]["step_s"]
+    if args.before_after:
+        before_after(Path(args.before_after), args)
+        return
+    keys = args.layouts if args.raw_json or "1" in args.layouts else ["1", *args.layouts]
+    accounting = ["off", "on"] if args.accounting == "both" else [args.accounting]
+    rows = measure_layouts(keys, accounting, steps, warmup, args.rounds)
+    if args.raw_json:
+        Path(args.raw_json).write_text(json.dumps({"steps": steps, "rows": rows}, indent=1))
+        return
+    base = {r["accounting"]: r["step_s"] for r in rows if r["key"] == "1"}
     for row in rows:
-        row["speedup"] = base / row["step_s"]
+        row["speedup"] = base[row["accounting"]] / row["step_s"]
         row["efficiency"] = row["speedup"] / row["world"]
-    write_report(rows, Path(args.out), steps)
+    write_report(rows, Path(args.out), steps, args.rounds)
 
 
-def write_report(rows: list[dict], out: Path, steps: int) -> None:
+def write_report(rows: list[dict], out: Path, steps: int, rounds: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["# Data-parallel scaling (real trainer, default model, same global batch)", "",
-             f"median of {steps} steps; bytes are per rank per step through the ledger", "",
-             "| layout | procs | ms/step | tokens/s | speed-up | efficiency | DP MB measured | DP MB analytic | ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["# Data- and tensor-parallel scaling (real trainer, default model, same global batch)", "",
+             f"median of {steps} steps (median over {rounds} interleaved round(s)); bytes are per rank per step through the "
+             f"ledger (only with accounting on); load average at the end {'/'.join(f'{x:.1f}' for x in os.getloadavg())}", "",
+             "| layout | procs | accounting | ms/step | tokens/s | speed-up | efficiency | DP MB measured | DP MB analytic | ratio | TP MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ratio = r["dp_bytes"] / r["dp_bytes_analytic"] if r["dp_bytes_analytic"] else float("nan")
-        lines.append(f"| {r['layout']} | {r['world']} | {r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['speedup']:.2f} | {r['efficiency']:.2f} | {r['dp_bytes'] / 1e6:.2f} | "
-                     f"{r['dp_bytes_analytic'] / 1e6:.2f} | {ratio:.3f} |")
+        counted = r["accounting"] != "off"
+        ratio = r["dp_bytes"] / r["dp_bytes_analytic"] if r["dp_bytes_analytic"] and counted else float("nan")
+        dp_mb = f"{r['dp_bytes'] / 1e6:.2f}" if counted else "n/a"
+        tp_mb = f"{r['tp_bytes'] / 1e6:.2f}" if counted and r["tp_bytes"] else ("n/a" if not counted else "")
+        lines.append(f"| {r['layout']} | {r['world']} | {r['accounting']} | {r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['speedup']:.2f} | {r['efficiency']:.2f} | {dp_mb} | "
+                     f"{r['dp_bytes_analytic'] / 1e6:.2f} | {ratio:.3f} | {tp_mb} |")
     (out / "scaling.md").write_text("\n".join(lines) + "\n")
     (out / "scaling.json").write_text(json.dumps(rows, indent=2))
     print("\n".join(lines))
@@ -125,13 +213,171 @@ def plot(rows: list[dict], path: Path) -> None:
         print("matplotlib not installed (pip install -e '.[bench]'): no plot written")
         return
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar([r["layout"] for r in rows], [r["efficiency"] for r in rows], color="tab:blue")
+    ax.bar([f"{r['layout']}\n(acct {r['accounting']})" for r in rows], [r["efficiency"] for r in rows], color="tab:blue")
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
     ax.set_ylabel("scaling efficiency (speed-up / processes)")
-    ax.set_title("Data-parallel layouts vs one process (same global batch)")
-    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    ax.set_title("Parallel layouts vs one process (same global batch)")
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+# --- before/after a change -------------------------------------------------------------------
+def before_after(tree: Path, args: argparse.Namespace) -> None:
+    """Interleaved rounds of: TREE's own script on TREE's code; this script on TREE's code (layouts TREE's
+    script lacks, and the others as a cross-check); this script on this checkout, accounting off and on.
+    Writes scaling_before_after.{md,json}."""
+    here, tree = Path(__file__).resolve(), tree.resolve()
+    this_repo = here.parents[1]
+    own_script = tree / "benchmarks" / "bench_scaling.py"
+    if not own_script.exists():
+        raise SystemExit(f"--before-after: {own_script} not found (make a worktree: git worktree add {tree} COMMIT)")
+    quick = ["--quick"] if args.quick else []
+    keys = [k for k in args.layouts if k != "1"]
+    loads = [os.getloadavg()]
+    # (version, source, layout key) -> {"wall": [per-round s], "cpu": [...]}; source: "own script" or the accounting
+    samples: dict[tuple[str, str, str], dict[str, list[float]]] = {}
+    ledgers: dict[str, dict] = {}
+    jobs = [("before", "own script"), ("before", "on"), ("after", "off"), ("after", "on")]
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for version, source in jobs[r % len(jobs):] + jobs[:r % len(jobs)]:  # rotated: no job always runs first
+                tree_of = tree if version == "before" else this_repo
+                env = {**os.environ, "PYTHONPATH": str(tree_of)}
+                if source == "own script":
+                    if not any(LAYOUTS[k][0] in BEFORE_SCRIPT_LABELS and k.startswith("dp") for k in keys):
+                        continue  # its script times only dp layouts
+                    out = Path(tmp) / f"own{r}"
+                    _run([sys.executable, str(own_script), *quick, "--out", str(out)], env, tree_of)
+                    for row in json.loads((out / "scaling.json").read_text()):
+                        key = BEFORE_SCRIPT_LABELS.get(row["layout"])
+                        if key in keys or key == "1":
+                            samples.setdefault((version, source, key), {"wall": []})["wall"].append(row["step_s"])
+                    continue
+                raw = Path(tmp) / f"{version}-{source}-{r}.json"
+                _run([sys.executable, str(here), *quick, "--layouts", *keys, "--accounting", source, "--raw-json", str(raw)],
+                     env, tree_of)
+                for row in json.loads(raw.read_text())["rows"]:
+                    entry = samples.setdefault((version, row["accounting"], row["key"]),
+                                               {"wall": [], "cpu": [], "best_wall": [], "best_cpu": []})
+                    entry["wall"].append(row["step_s"])
+                    entry["cpu"].append(row["cpu_s"])
+                    entry["best_wall"].append(row["best_step_s"])
+                    entry["best_cpu"].append(row["best_cpu_s"])
+                    ledgers[f"{version}|{row['accounting']}|{row['key']}"] = {
+                        "meshweave": row["meshweave"], "dp_bytes": row["dp_bytes"], "tp_bytes": row["tp_bytes"]}
+            loads.append(os.getloadavg())
+            print(f"round {r + 1}/{args.rounds} done; load {loads[-1]}", flush=True)
+    write_before_after(samples, ledgers, tree, keys, args, loads)
+
+
+def _run(cmd: list[str], env: dict, cwd: Path) -> None:
+    print("$ PYTHONPATH=" + env["PYTHONPATH"] + " " + " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    print("\n".join(line for line in proc.stdout.splitlines() if "ms/step" in line), flush=True)
+
+
+def _commit(tree: Path) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def write_before_after(samples: dict, ledgers: dict, tree: Path, keys: list[str], args: argparse.Namespace,
+                       loads: list[tuple[float, float, float]]) -> None:
+    before_c, after_c = _commit(tree), _commit(Path(__file__).resolve().parents[1])
+
+    def ms(version: str, source: str, key: str, what: str = "wall") -> float | None:
+        """Median over rounds of the per-run medians; for best_*: the best step over all rounds."""
+        values = samples.get((version, source, key), {}).get(what)
+        if not values:
+            return None
+        return 1e3 * (min(values) if what.startswith("best") else statistics.median(values))
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
+    rows = []
+    for key in keys:
+        own, harness = ms("before", "own script", key), ms("before", "always on", key)
+        before = own if own is not None else harness
+        off, on = ms("after", "off", key), ms("after", "on", key)
+        cpu_before, cpu_off, cpu_on = (ms("before", "always on", key, "cpu"), ms("after", "off", key, "cpu"),
+                                       ms("after", "on", key, "cpu"))
+        best = {f"{what}_{v}_{src}": ms(v, src, key, f"best_{what}") for what in ("wall", "cpu")
+                for v, src in (("before", "always on"), ("after", "off"), ("after", "on"))}
+        rows.append({
+            "layout": LAYOUTS[key][0], "key": key, "best_ms": best,
+            "before_ms": before, "before_by": "own script" if own is not None else "this script on the old code",
+            "before_harness_ms": harness, "after_off_ms": off, "after_on_ms": on,
+            "before_over_after_off": ratio(before, off), "before_over_after_on": ratio(before, on), "on_over_off": ratio(on, off),
+            "cpu_before_ms": cpu_before, "cpu_after_off_ms": cpu_off, "cpu_after_on_ms": cpu_on,
+            "cpu_before_over_after_off": ratio(cpu_before, cpu_off), "cpu_before_over_after_on": ratio(cpu_before, cpu_on),
+            "cpu_on_over_off": ratio(cpu_on, cpu_off),
+            "samples_ms": {f"{v}|{src}|{what}": [1e3 * x for x in vals[what]]
+                           for (v, src, k), vals in samples.items() if k == key for what in vals if vals[what]},
+        })
+    f1 = lambda x: "" if x is None else f"{x:.1f}"  # noqa: E731
+    f2 = lambda x: "" if x is None else f"{x:.2f}"  # noqa: E731
+    steps = "4 (+1 warm-up)" if args.quick else "12 (+2 warm-up)"
+    lines = [
+        f"# Step time before ({before_c}) and after ({after_c}) the layering refactor, and the cost of comm accounting", "",
+        f"Real trainer, default model (dim 256, 4 layers, seq 256, global batch 8), same batches; per run the median of "
+        f"{steps} steps (slowest rank); the median over {args.rounds} interleaved rounds (the order of the four runs "
+        "rotates each round). 2-core CPU machine, gloo, one thread per process.", "",
+        "Load average (1/5/15 min) before the first round and after each: "
+        + "; ".join("/".join(f"{x:.1f}" for x in load) for load in loads)
+        + ". Other jobs shared the machine, so wall times carry large noise; the CPU time of a step (process time "
+        "of all the rank's threads, slowest rank) is much less sensitive to that and is the better figure for "
+        "these ratios.", "",
+        "Before: the dp layouts by the old commit's own `bench_scaling.py` on its own code (`PYTHONPATH=<worktree>`); "
+        "its script has no TP layout, so tp=2 before is timed by this `bench_scaling.py` run on the old code (only "
+        "the import paths differ; it also re-times the dp layouts, 'before (this script)'). The old code always "
+        "counts comm bytes (no option then). After: this checkout with `logging.comm_accounting=false` (the new "
+        "default) and `=true`.", "",
+        "Wall time per step (ms):", "",
+        "| layout | before | before (this script) | after, accounting off | after, accounting on | before / after(off) | "
+        "before / after(on) | on / off |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['layout']} | {f1(r['before_ms'])} ({r['before_by']}) | {f1(r['before_harness_ms'])} | "
+                     f"{f1(r['after_off_ms'])} | {f1(r['after_on_ms'])} | {f2(r['before_over_after_off'])} | "
+                     f"{f2(r['before_over_after_on'])} | {f2(r['on_over_off'])} |")
+    lines += ["", "CPU time per step (ms; this script on both trees):", "",
+              "| layout | before (accounting always on) | after, off | after, on | before / after(off) | before / after(on) | "
+              "on / off |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['layout']} | {f1(r['cpu_before_ms'])} | {f1(r['cpu_after_off_ms'])} | {f1(r['cpu_after_on_ms'])} | "
+                     f"{f2(r['cpu_before_over_after_off'])} | {f2(r['cpu_before_over_after_on'])} | {f2(r['cpu_on_over_off'])} |")
+    lines += ["", "Best step (ms; the fastest step of all rounds, slowest rank; this script on both trees — other jobs "
+              "only add time, so this is the least noisy figure here):", "",
+              "| layout | wall before | wall after off | wall after on | before / after(off) | before / after(on) | on / off | "
+              "CPU before | CPU after off | CPU after on | before / after(off) | before / after(on) | on / off |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = []
+        for what in ("wall", "cpu"):
+            b, off, on = (r["best_ms"][f"{what}_{v}"] for v in ("before_always on", "after_off", "after_on"))
+            cells += [f1(b), f1(off), f1(on), f2(ratio(b, off)), f2(ratio(b, on)), f2(ratio(on, off))]
+        lines.append(f"| {r['layout']} | " + " | ".join(cells) + " |")
+    one = ms("before", "own script", "1")
+    if one:
+        lines += ["", f"One process before (old script, wall): {one:.1f} ms/step."]
+    lines += ["", "Ratios: before / after > 1 means after is faster; on / off > 1 means accounting costs that factor.",
+              "Per-round samples are in scaling_before_after.json.", "",
+              f"Command: `python benchmarks/bench_scaling.py {' '.join(sys.argv[1:])}`", ""]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scaling_before_after.md").write_text("\n".join(lines))
+    (out / "scaling_before_after.json").write_text(json.dumps(
+        {"before": before_c, "after": after_c, "rounds": args.rounds, "quick": args.quick, "loads": loads, "rows": rows,
+         "ledgers": ledgers}, indent=1))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ Exit status: 0 when every check passes, 1 when one fails (the table says which),
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -217,9 +218,10 @@ def check_training(args: argparse.Namespace, device: torch.device, run_dir: str)
     print(f"[training] {m.kind} dim={m.dim} layers={m.n_layers} heads={m.n_heads}/{m.n_kv_heads} ffn={m.ffn_hidden} "
           f"seq={t.seq_len} batch={t.global_batch} params={n_params / 1e6:.1f}M steps={t.steps} "
           f"compute={trainer.p.runner.autocast_dtype or next(trainer.p.model_parts[0].parameters()).dtype}", flush=True)
-    warmup = min(10, max(1, t.steps // 5))
+    warmup = min(10, max(1, t.steps // 5)) if t.steps > 1 else 0  # steps before the timed window
     print_at = sorted({1, warmup, *(round(t.steps * f) for f in (0.25, 0.5, 0.75)), t.steps} - {0})
     losses: dict[int, float] = {}
+
     def run(first: int, last: int) -> None:
         for step in range(first, last + 1):
             metrics = trainer.train_step()
@@ -256,6 +258,9 @@ def check_training(args: argparse.Namespace, device: torch.device, run_dir: str)
     print(f"[training] {tokens_per_s:,.0f} tokens/s  {result['step_ms']:.1f} ms/step  {tflops:.1f} TFLOP/s  MFU {mfu}",
           flush=True)
     del trainer
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the next sections build their own models
     return result
 
 
