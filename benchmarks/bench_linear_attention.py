@@ -22,7 +22,7 @@ ratios between methods in the same run and the exact byte counts.
     python benchmarks/bench_linear_attention.py --quick      # N in {1024, 4096}, P = 2: a minute or two
     python benchmarks/bench_linear_attention.py              # N from 1K to 64K (ring to 8K), P in {2, 4}
 
-Writes benchmarks/results/linear_attention.{md,json,png} (--quick: linear_attention_quick.*).
+Writes benchmarks/results/linear_attention.{md,json,png} (--quick: linear_attention_quick.*; --name: another stem).
 """
 
 from __future__ import annotations
@@ -305,8 +305,9 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--ring-max", type=int, default=8192, help="longest N for softmax ring (quadratic)")
+    ap.add_argument("--name", default="linear_attention", help="results file stem under benchmarks/results/")
     args = ap.parse_args()
-    stem = "linear_attention"
+    stem = args.name
     if args.quick:
         args.seq_lens, args.sps, args.reps, stem = [1024, 4096], [2], 2, "linear_attention_quick"
     from benchmarks.bench_linear_attention import bench_task as task  # workers import it by module name
