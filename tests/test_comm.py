@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from meshweave.core.comm import CommGroup, CommLedger, P2P, single_process_group
+from meshweave.core.comm import P2P, CommError, CommGroup, CommLedger, PendingAllGather, single_process_group
 from meshweave.testing import DistributedTestError, run_distributed
 
 
@@ -24,10 +24,10 @@ def _collectives_and_volumes():
     nxt, prv = (r + 1) % n, (r - 1) % n
     buf = torch.empty(4)
     g.batch_isend_irecv([P2P("send", torch.full((4,), float(r)), nxt), P2P("recv", buf, prv)]).wait()
-    return dict(
-        reduced=t[0, 0].item(), gathered=gathered, scattered=scattered, a2a=out, ring=buf[0].item(),
-        stats=g.ledger.snapshot(),
-    )
+    return {
+        "reduced": t[0, 0].item(), "gathered": gathered, "scattered": scattered, "a2a": out, "ring": buf[0].item(),
+        "stats": g.ledger.snapshot(),
+    }
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -52,10 +52,46 @@ def test_collectives_results_and_counted_bytes(world):
         assert st["world/recv"] == {"calls": 1, "bytes": 4 * f32}
 
 
+def _async_and_blocking_gathers():
+    """The same gathers blocking and async (overlapped with local work), each with its own ledger."""
+    blocking, async_ = _world_group(), _world_group()
+    r = blocking.rank
+    shard = torch.arange(6, dtype=torch.float32).reshape(2, 3) + 10 * r
+    pending = async_.all_gather_async(shard, dim=1)
+    local = shard.sum()  # work while the gather is in flight
+    gathered = pending.wait()
+    return {
+        "same": torch.equal(gathered, blocking.all_gather(shard, dim=1)), "shape": tuple(gathered.shape),
+        "again": pending.wait() is gathered, "local": local.item(),
+        "blocking": blocking.ledger.snapshot(), "async_": async_.ledger.snapshot(),
+    }
+
+
+def test_all_gather_async_equals_all_gather_in_result_and_ledger():
+    for res in run_distributed(_async_and_blocking_gathers, 2):
+        assert res["same"] and res["shape"] == (2, 6) and res["again"]
+        assert res["async_"] == res["blocking"] == {"world/all_gather": {"calls": 1, "bytes": 6 * 4}}
+
+
+class _FailingWork:
+    def wait(self) -> None:
+        raise RuntimeError("Connection closed by peer")
+
+
+def test_all_gather_async_failure_names_rank_group_and_op():
+    group = CommGroup("sp", None, [0, 1], CommLedger())
+    pending = PendingAllGather(torch.empty(2), _FailingWork(), torch.empty(1), group)
+    with pytest.raises(CommError) as info:
+        pending.wait()
+    text = str(info.value)
+    assert text.startswith("rank 0: all_gather_async on group 'sp' (global ranks [0, 1]) failed: Connection closed")
+
+
 def test_size_one_group_never_communicates():
     g = single_process_group("sp")
     t = torch.ones(3)
     assert g.all_reduce(t) is t and g.all_gather(t) is t and g.reduce_scatter(t) is t
+    assert g.all_gather_async(t).wait() is t
     assert g.ledger.calls() == 0
 
 
@@ -98,6 +134,8 @@ def _device_refusals():
     calls = {
         "nccl all_reduce": lambda: as_nccl.all_reduce(cpu),
         "nccl all_gather": lambda: as_nccl.all_gather(cpu),
+        "nccl all_gather_async": lambda: as_nccl.all_gather_async(cpu),
+        "gloo all_gather_async": lambda: gloo.all_gather_async(elsewhere),
         "nccl reduce_scatter": lambda: as_nccl.reduce_scatter(torch.ones(2 * len(ranks))),
         "nccl all_to_all": lambda: as_nccl.all_to_all_single(torch.empty(2 * len(ranks)), torch.ones(2 * len(ranks))),
         "nccl broadcast": lambda: as_nccl.broadcast(cpu),

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 import torch
 
 from meshweave.attention.lasp2 import segment_layout
-from meshweave.attention.lasp2_comm import start_all_gather
 from meshweave.attention.local import accum_dtype, default_scale
 from meshweave.attention.masks import Segment
 from meshweave.attention.merge import PartialAccumulator
@@ -35,7 +34,7 @@ class _AllGatherKVAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group: CommGroup, plans, scale: float, backend: str):
         r, p = group.rank, group.size
-        pending = start_all_gather(group, torch.stack([k, v]))  # (P, 2, B, H_kv, S, D) when done
+        pending = group.all_gather_async(torch.stack([k, v]).unsqueeze(0))  # (P, 2, B, H_kv, S, D) when done
         acc = PartialAccumulator(q, accum_dtype(q.dtype))
         attend_block(q, k, v, plans[0], acc, scale, backend)  # own shard while the gather is in flight
         kv = pending.wait()

@@ -19,7 +19,6 @@ import torch.distributed as dist
 
 from meshweave.core.ledger import CommLedger
 
-
 # torch 2.13 deprecates the *_tensor forms in favour of *_single; older releases only have the former.
 _all_gather_flat = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
@@ -52,6 +51,22 @@ class _CountedWork:
 class _DoneWork:
     def wait(self) -> None:
         return None
+
+
+class PendingAllGather:
+    """An all-gather in flight (from `CommGroup.all_gather_async`); `wait()` returns what `all_gather` would.
+
+    It keeps the send buffer alive until the call completes, and reports a failure like a blocking call does.
+    """
+
+    def __init__(self, result: torch.Tensor, work, src: torch.Tensor | None, group: CommGroup) -> None:
+        self._result, self._work, self._src, self._group = result, work, src, group
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._group._guard("all_gather_async", self._work.wait)
+            self._work = self._src = None
+        return self._result
 
 
 # The device type each backend's collectives accept. gloo is used for CPU process groups only here
@@ -126,6 +141,18 @@ class CommGroup:
         out = src.new_empty((self.size * src.shape[0], *src.shape[1:]))
         self._guard("all_gather", _all_gather_flat, out, src, group=self.pg)
         return out.movedim(0, dim)
+
+    def all_gather_async(self, tensor: torch.Tensor, dim: int = 0) -> PendingAllGather:
+        """Start `all_gather(tensor, dim)` without blocking, so work can overlap it; `wait()` on the result
+        returns the gathered tensor. Payload = local shard bytes, counted as "all_gather" when started."""
+        if self.size == 1:
+            return PendingAllGather(tensor, None, None, self)
+        self._check_device("all_gather_async", tensor)
+        self.ledger.record(self.name, "all_gather", _nbytes(tensor))
+        src = tensor.movedim(dim, 0).contiguous()
+        out = src.new_empty((self.size * src.shape[0], *src.shape[1:]))
+        work = self._guard("all_gather_async", _all_gather_flat, out, src, group=self.pg, async_op=True)
+        return PendingAllGather(out.movedim(0, dim), work, src, self)
 
     def reduce_scatter(self, tensor: torch.Tensor, dim: int = 0, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
         """Sum over ranks, keep this rank's 1/size slice along `dim`; payload = full input bytes."""
