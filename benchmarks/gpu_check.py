@@ -17,11 +17,12 @@ Sections (each printed, then summarised in one table, written to OUT.md and OUT.
 2. kernels: the local attention kernels every SP method is built from (`attention/local.py`:
    block_forward / block_backward) on the device in bf16 against the CPU `math` backend in fp64 on
    the same (bf16-rounded) inputs, for full, causal and dense-mask blocks: max errors of out, lse
-   and dq/dk/dv. Backends: what `auto` picks on the device, flash_attn when importable, math; on
-   CUDA also torch's own flash SDPA op (`aten._scaled_dot_product_flash_attention`, which returns
-   the logsumexp) — local.py does not use it, it is shown as a candidate backend.
+   and dq/dk/dv. Backends: what `auto` picks on the device, flash_attn when importable, cuda_flash
+   (torch's own flash SDPA op, `aten._scaled_dot_product_flash_attention`, which returns the
+   logsumexp; what `auto` picks on CUDA without flash-attn) when torch and the GPU support it, math.
    Then the SP ops themselves (ulysses, ring, tokenring, usp over one-rank groups) on the device vs
-   the same op on CPU in fp32 (causal, full, packed documents).
+   the same op on CPU in fp32 (causal, full, packed documents), with the local kernel backends that
+   actually ran (counted per call); each row must have run on the backend `auto` is meant to pick.
 3. checkpoint: the lazy checkpointer inside the trainer (CUDA: pinned host buffers and a side
    stream, see checkpoint/staging.py) for a few saves; the training-thread stall per save, and a
    reload into a fresh trainer that must be bitwise equal to the state that was saved.
@@ -44,7 +45,9 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -56,8 +59,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from meshweave.attention import block_backward, block_forward, build_attention_op  # noqa: E402
-from meshweave.attention.local import _choose, _has_flash_attn  # noqa: E402 - which backend `auto` picks
+from meshweave.attention import block_backward, block_forward, build_attention_op, local  # noqa: E402
+from meshweave.attention.local import _choose, _cuda_flash_supported, _has_flash_attn, pick_backend  # noqa: E402
 from meshweave.attention.masks import CAUSAL, FULL  # noqa: E402
 from meshweave.core.comm import single_process_group  # noqa: E402
 from meshweave.launch.env import free_port  # noqa: E402
@@ -342,20 +345,6 @@ def _run_block(x: dict[str, torch.Tensor], mask: Any, scale: float, backend: str
     return {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
 
 
-def _torch_cuda_flash(x: dict[str, torch.Tensor], mask: Any, scale: float) -> dict[str, torch.Tensor]:
-    """torch's CUDA flash SDPA op with its logsumexp (what a CUDA block backend without flash-attn could use)."""
-    causal = isinstance(mask, str) and mask == CAUSAL
-    groups = x["q"].shape[1] // x["k"].shape[1]
-    k, v = (x[n].repeat_interleave(groups, dim=1) for n in ("k", "v"))
-    out, lse, cq, ck, mq, mk, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
-        x["q"], k, v, 0.0, causal, False, scale=scale)
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        x["dout"], x["q"], k, v, out, lse, cq, ck, mq, mk, 0.0, causal, seed, offset, scale=scale)
-    b, _h, s, d = dk.shape
-    fold = lambda t: t.reshape(b, -1, groups, s, d).sum(2)  # noqa: E731 - GQA: sum the query groups
-    return {"out": out, "lse": lse, "dq": dq, "dk": fold(dk.float()), "dv": fold(dv.float())}
-
-
 def check_kernels(quick: bool, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:
     """Local block kernels on `device` in `dtype` vs the CPU math backend in fp64 (same rounded inputs)."""
     b, h, hkv, s, d = kernel_sizes(quick)
@@ -364,27 +353,27 @@ def check_kernels(quick: bool, device: torch.device, dtype: torch.dtype = torch.
     masks = {"full": FULL, "causal": CAUSAL, "dense mask": _document_mask(b, s, DOC_FRACTIONS)}
     on_device = {n: t.to(device) for n, t in inputs.items()}
     reference = {n: t.to(torch.float64) for n, t in inputs.items()}
-    backends: list[tuple[str, Callable | str]] = [("auto", "auto")]
+    backends = ["auto"]
     if device.type == "cuda" and _has_flash_attn():
-        backends.append(("flash_attn", "flash_attn"))
-    backends.append(("math", "math"))
-    if device.type == "cuda":
-        backends.append(("torch cuda flash op (not in local.py)", _torch_cuda_flash))
+        backends.append("flash_attn")
+    if device.type == "cuda" and _cuda_flash_supported(device):
+        backends.append("cuda_flash")
+    backends.append("math")
     rows = []
     for kind, mask in masks.items():
         ref = _run_block(reference, mask, scale, "math")
         dev_mask = mask.to(device) if isinstance(mask, torch.Tensor) else mask
-        for label, backend in backends:
-            row = {"backend": label, "mask": kind, "device": device.type, "dtype": str(dtype).removeprefix("torch."),
+        for backend in backends:
+            row = {"backend": backend, "mask": kind, "device": device.type, "dtype": str(dtype).removeprefix("torch."),
                    "shape": f"B={b} H={h} Hkv={hkv} S={s} D={d}"}
             if backend == "auto":
                 row["resolves_to"] = _choose("auto", on_device["q"], dev_mask)
-            if isinstance(mask, torch.Tensor) and (callable(backend) or backend == "flash_attn"):
+            if isinstance(mask, torch.Tensor) and backend in ("flash_attn", "cuda_flash"):
                 row.update(note="n/a: full/causal blocks only (auto uses another backend for dense masks)", ok=True)
                 rows.append(row)
                 continue
             try:
-                got = backend(on_device, dev_mask, scale) if callable(backend) else _run_block(on_device, dev_mask, scale, backend)
+                got = _run_block(on_device, dev_mask, scale, backend)
                 sync(device)
                 row["errors"] = _errors(got, ref)
                 row["ok"] = all(row["errors"][k] <= KERNEL_TOL[k] for k in row["errors"])
@@ -424,9 +413,37 @@ def _run_op(op: Any, x: dict[str, torch.Tensor], causal: bool, docs: torch.Tenso
     return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
 
 
+@contextmanager
+def backends_used() -> Iterator[Counter]:
+    """Count, per local kernel call, the backend it resolved to (wraps local._choose while open)."""
+    seen: Counter = Counter()
+    original = local._choose
+
+    def spy(backend: str, q: torch.Tensor, mask: Any) -> str:
+        chosen = original(backend, q, mask)
+        seen[chosen] += 1
+        return chosen
+
+    local._choose = spy
+    try:
+        yield seen
+    finally:
+        local._choose = original
+
+
+def expected_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """What `auto` should run for full/causal blocks on this device (the SP checks' document plans need no dense
+    mask: a few documents per row become full/causal calls)."""
+    on_cuda = device.type == "cuda"
+    return pick_backend(device.type, dtype, head_dim, False, flash_attn=on_cuda and _has_flash_attn(),
+                        cuda_flash=on_cuda and _cuda_flash_supported(device))
+
+
 def check_sp_ops(quick: bool, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:
-    """Each SP op on `device` in `dtype` vs the same op on CPU in fp32 from the same rounded inputs."""
+    """Each SP op on `device` in `dtype` vs the same op on CPU in fp32 from the same rounded inputs; records
+    which local kernel backends ran on the device, and fails a row that did not run on the expected one."""
     b, s, h, hkv, d = sp_sizes(quick)
+    expected = expected_backend(device, dtype, d)
     g = torch.Generator().manual_seed(1)
     shapes = {"q": (b, s, h, d), "k": (b, s, hkv, d), "v": (b, s, hkv, d), "dout": (b, s, h, d)}
     rounded = {n: torch.randn(*shape, generator=g).to(dtype) for n, shape in shapes.items()}
@@ -441,18 +458,25 @@ def check_sp_ops(quick: bool, device: torch.device, dtype: torch.dtype = torch.b
                    "shape": f"B={b} S={s} H={h} Hkv={hkv} D={d}"}
             try:
                 ref = _run_op(op, reference, causal, ids)
-                got = _run_op(op, on_device, causal, ids.to(device) if ids is not None else None)
+                with backends_used() as seen:
+                    got = _run_op(op, on_device, causal, ids.to(device) if ids is not None else None)
                 sync(device)
+                row["backends"], row["expected_backend"] = dict(seen), expected
                 row["errors"] = _errors(got, ref)
-                row["ok"] = all(row["errors"][k] <= SP_TOL[k] for k in row["errors"])
+                row["ok"] = set(seen) == {expected} and all(row["errors"][k] <= SP_TOL[k] for k in row["errors"])
             except Exception as err:  # noqa: BLE001
                 row["note"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
                 row["ok"] = False
             rows.append(row)
             errs = "  ".join(f"{k} {v:.1e}" for k, v in row.get("errors", {}).items())
-            print(f"[sp_ops]  {method:<10} {case:<10} {errs or row.get('note')}  {'ok' if row['ok'] else 'FAIL'}",
-                  flush=True)
+            print(f"[sp_ops]  {method:<10} {case:<10} {errs or row.get('note')}  kernels {_backend_counts(row)}  "
+                  f"{'ok' if row['ok'] else 'FAIL'}", flush=True)
     return rows
+
+
+def _backend_counts(row: dict[str, Any]) -> str:
+    """'cuda_flash x6' (calls per backend that ran), or '-' when the op did not run."""
+    return ", ".join(f"{k} x{n}" for k, n in sorted(row.get("backends", {}).items())) or "-"
 
 
 # --- 3. checkpoint ----------------------------------------------------------------------------
@@ -537,7 +561,8 @@ def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 def environment(device: torch.device) -> dict[str, Any]:
     env = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
-           "flash_attn_importable": _has_flash_attn(), "load_avg": list(os.getloadavg())}
+           "flash_attn_importable": _has_flash_attn(), "load_avg": list(os.getloadavg()),
+           "cuda_flash_available": device.type == "cuda" and _cuda_flash_supported(device)}
     if device.type == "cuda":
         env["peak_bf16_tflops_table"] = next((f"{k}: {v}" for k, v in PEAK_BF16_TFLOPS.items()
                                              if k in env["device"]), "not in table")
@@ -576,7 +601,8 @@ def markdown(summary: dict[str, Any]) -> str:
     env, lines = summary["environment"], []
     lines += ["# meshweave GPU readiness check", "",
               f"{env['device']}, torch {env['torch']} (CUDA {env['cuda']}), flash-attn "
-              f"{'installed' if env['flash_attn_importable'] else 'not installed'}; load average "
+              f"{'installed' if env['flash_attn_importable'] else 'not installed'}, torch CUDA flash op "
+              f"{'available' if env.get('cuda_flash_available') else 'not available'}; load average "
               f"{'/'.join(f'{x:.1f}' for x in env['load_avg'])}; total {summary['total_s']:.0f} s. "
               f"Command: `{summary['command']}`", "",
               "| check | result |", "|---|---|"]
@@ -613,12 +639,15 @@ def markdown(summary: dict[str, Any]) -> str:
     if summary.get("sp_ops"):
         r0 = summary["sp_ops"][0]
         lines += ["", "## Sequence-parallel ops (one-rank groups) vs the same op on CPU fp32", "",
-                  f"{r0['shape']}, {r0['dtype']} on {r0['device']}. Errors: max |diff| / max |ref|.", "",
-                  "| method | case | out | dq | dk | dv | ok |", "|---|---|---|---|---|---|---|"]
+                  f"{r0['shape']}, {r0['dtype']} on {r0['device']}. Errors: max |diff| / max |ref|. Kernels: the "
+                  f"local attention backends that ran on the device (calls, forward and backward); expected "
+                  f"`{r0.get('expected_backend', '?')}`.", "",
+                  "| method | case | out | dq | dk | dv | kernels | ok |", "|---|---|---|---|---|---|---|---|"]
         for r in summary["sp_ops"]:
             e = r.get("errors")
             cells = " | ".join(f"{e[k]:.1e}" for k in ("out", "dq", "dk", "dv")) if e else f"{r.get('note')} | | |"
-            lines.append(f"| {r['method']} | {r['case']} | {cells} | {'yes' if r['ok'] else '**no**'} |")
+            ok = "yes" if r["ok"] else "**no**"
+            lines.append(f"| {r['method']} | {r['case']} | {cells} | {_backend_counts(r)} | {ok} |")
     if "checkpoint" in summary:
         c = summary["checkpoint"]
         fmt = lambda xs: ", ".join(f"{x:.2f}" for x in xs) + " ms" if xs else "none"  # noqa: E731

@@ -75,6 +75,10 @@ def test_kernel_and_sp_errors_are_small_and_finite(report):
     for r in sp:
         assert set(r["errors"]) == {"out", "dq", "dk", "dv"}
         assert all(_finite(v) and v < 3e-2 for v in r["errors"].values()), r
+        # the local kernels that ran are recorded per row: on CPU, auto runs the CPU flash op for every call
+        assert r["expected_backend"] == "cpu_flash" and set(r["backends"]) == {"cpu_flash"}, r
+        assert r["backends"]["cpu_flash"] >= 2  # at least one forward and one backward call
+    assert "| kernels |" in report["_markdown"] and "cpu_flash x" in report["_markdown"]
 
 
 def test_checkpoint_reload_is_bitwise_and_stalls_are_finite(report):

@@ -10,8 +10,12 @@ The backward takes the *global* (merged) out and lse of the query rows, not the 
 then P = exp(S - lse_global) is the block's slice of the true softmax and the returned dq, dk, dv
 are this block's exact contribution to the full gradient.
 
-Backends (no communication happens here):
+Backends (no communication happens here); `pick_backend` says which one "auto" resolves to:
 - "flash_attn": flash-attn on CUDA (imported lazily; half dtypes; full or causal blocks only).
+- "cuda_flash": torch's own CUDA flash SDPA op (`aten._scaled_dot_product_flash_attention` and its
+  backward), used when flash-attn is not installed: it returns the logsumexp, (B, H, Sq) fp32 in
+  natural log, the layout the merge keeps; half dtypes, head_dim a multiple of 8 up to 256, sm80+,
+  GQA natively (as SDPA's enable_gqa uses it); full or causal (square) blocks only.
 - "cpu_flash": `aten._scaled_dot_product_flash_attention_for_cpu` and its backward. It returns
   logsumexp, supports fp64/fp32/bf16, GQA and additive masks; half inputs are upcast to fp32 so
   the partial results keep fp32 precision (the same accumulation a single SDPA call does inside).
@@ -24,7 +28,8 @@ import torch
 
 from meshweave.attention.masks import CAUSAL, BlockMask
 
-BACKENDS = ("auto", "flash_attn", "cpu_flash", "math")
+BACKENDS = ("auto", "flash_attn", "cuda_flash", "cpu_flash", "math")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -43,6 +48,8 @@ def block_forward(
     chosen = _choose(backend, q, mask)
     if chosen == "flash_attn":
         return _flash_forward(q, k, v, mask, scale)
+    if chosen == "cuda_flash":
+        return _cuda_forward(q, k, v, mask, scale)
     if chosen == "cpu_flash":
         return _cpu_forward(q, k, v, mask, scale)
     return _math_forward(q, k, v, mask, scale)
@@ -65,6 +72,8 @@ def block_backward(
     chosen = _choose(backend, q, mask)
     if chosen == "flash_attn":
         return _flash_backward(dout, q, k, v, out, lse, mask, scale)
+    if chosen == "cuda_flash":
+        return _cuda_backward(dout, q, k, v, out, lse, mask, scale)
     if chosen == "cpu_flash":
         return _cpu_backward(dout, q, k, v, out, lse, mask, scale)
     return _math_backward(dout, q, k, v, out, lse, mask, scale)
@@ -76,10 +85,27 @@ def _choose(backend: str, q: torch.Tensor, mask: BlockMask) -> str:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     if backend != "auto":
         return backend
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not isinstance(mask, torch.Tensor) and _has_flash_attn():
+    on_cuda_half = q.is_cuda and q.dtype in HALF_DTYPES  # only then do the CUDA probes matter
+    return pick_backend(
+        q.device.type, q.dtype, q.shape[-1], isinstance(mask, torch.Tensor),
+        flash_attn=on_cuda_half and _has_flash_attn(), cuda_flash=on_cuda_half and _cuda_flash_supported(q.device),
+    )
+
+
+def pick_backend(device_type: str, dtype: torch.dtype, head_dim: int, dense_mask: bool, *, flash_attn: bool,
+                 cuda_flash: bool) -> str:
+    """The backend "auto" resolves to. Pure: the environment comes in as arguments (flash_attn: flash-attn
+    imports; cuda_flash: torch was built with flash attention and the GPU is sm80 or newer)."""
+    if device_type == "cpu":
+        return "cpu_flash"  # fp64/fp32/bf16, dense masks too
+    # Both flash kernels take no mask and compute in fp16/bf16 only: fp32 (and fp64) must keep its
+    # precision, and a dense mask is rare (many tiny documents), so those go to the math path.
+    if device_type != "cuda" or dense_mask or dtype not in HALF_DTYPES:
+        return "math"
+    if flash_attn:
         return "flash_attn"
-    if q.device.type == "cpu":
-        return "cpu_flash"
+    if cuda_flash and head_dim % 8 == 0 and head_dim <= 256:  # the op asserts both (SDPA pads before it)
+        return "cuda_flash"
     return "math"
 
 
@@ -95,6 +121,17 @@ def _has_flash_attn() -> bool:
         except ImportError:
             _FLASH.append(None)
     return _FLASH[0] is not None
+
+
+_CUDA_FLASH: dict[int | None, bool] = {}
+
+
+def _cuda_flash_supported(device: torch.device) -> bool:
+    """torch built with flash attention and a GPU of compute capability 8.0 or newer (the kernel's floor)."""
+    if device.index not in _CUDA_FLASH:
+        built = torch.backends.cuda.is_flash_attention_available()
+        _CUDA_FLASH[device.index] = built and torch.cuda.get_device_capability(device) >= (8, 0)
+    return _CUDA_FLASH[device.index]
 
 
 def _row_has_key(mask: BlockMask, sq: int, sk: int) -> torch.Tensor | None:
@@ -204,3 +241,33 @@ def _flash_backward(dout, q, k, v, out, lse, mask, scale):
         alibi_slopes=None, deterministic=False, rng_state=None,
     )
     return tuple(t.transpose(1, 2).to(torch.float32) for t in (dq, dk, dv))
+
+
+# --- torch's CUDA flash SDPA op (CUDA only; gpu_check runs it against the fp64 reference) ------
+def _cuda_forward(q, k, v, mask, scale):
+    _check_flash_mask(mask, q.shape[2], k.shape[2])
+    # dropout 0, no debug mask; returns (out, lse, cum_seq_q, cum_seq_k, max_q, max_k, rng_state, unused, debug)
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, mask == CAUSAL, False, scale=scale)
+    out, lse = out.to(torch.float32), lse.to(torch.float32)
+    if k.shape[2] == 0:  # no keys: the kernel reports lse = +inf; the merge expects out = 0, lse = -inf
+        lse = torch.full_like(lse, float("-inf"))
+        out = torch.zeros_like(out)
+    return out, lse
+
+
+def _cuda_backward(dout, q, k, v, out, lse, mask, scale):
+    _check_flash_mask(mask, q.shape[2], k.shape[2])
+    # The rng state is read only when dropout_p > 0 (and the op skips the device check), so placeholders do.
+    seed, offset = torch.empty((), dtype=torch.long), torch.empty((), dtype=torch.long)
+    # cum_seq_q/k None (undefined) selects the dense kernel, not varlen; max_q/max_k are the block lengths.
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dout.to(q.dtype), q, k, v, out.to(q.dtype), lse.to(torch.float32).contiguous(), None, None,
+        q.shape[2], k.shape[2], 0.0, mask == CAUSAL, seed, offset, scale=scale,
+    )
+    return dq.to(torch.float32), dk.to(torch.float32), dv.to(torch.float32)
+
+
+def _check_flash_mask(mask: BlockMask, sq: int, sk: int) -> None:
+    if isinstance(mask, torch.Tensor):
+        raise TypeError("the cuda_flash backend takes full or causal blocks only, not a dense mask (use auto or math)")
+    _check_causal_square(mask, sq, sk)
