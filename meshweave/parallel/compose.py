@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 from meshweave.core.mesh import Mesh
@@ -51,7 +52,7 @@ def parallelize(model: nn.Module, spec: ModelSpec, mesh: Mesh, cfg: Config, comp
             apply_activation_checkpointing(spec.blocks(part))
     wrapped = [apply_data_parallel(part, spec, mesh, cfg, compute_dtype) if p.pp == 1 or p.dp_mode == "fsdp"
                else apply_pipeline_replicate(part, mesh) for part in parts]
-    autocast = compute_dtype if compute_dtype != torch.float32 and p.dp_mode == "ddp" else None
+    autocast = autocast_dtype(wrapped, compute_dtype)
     io = ModelIO.of(spec, loss_parallel=p.tp > 1 and spec.loss_parallel)
     scale = mesh.dims.dp * mesh.dims.sp
     if p.pp > 1:
@@ -60,6 +61,18 @@ def parallelize(model: nn.Module, spec: ModelSpec, mesh: Mesh, cfg: Config, comp
                          gradient_average_scale=scale, traffic=tensor_parallel_traffic(mesh))
     runner.model_parts = [model]
     return ParallelModel(runner, [model])
+
+
+def autocast_dtype(wrapped: list[nn.Module], compute_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype the forward runs under autocast in, or None (fp32, or every part under FSDP2).
+
+    FSDP2's MixedPrecisionPolicy already casts the parameters to the compute dtype; anything not under it
+    (DDP, pipeline stages replicated without FSDP, and a single rank, where nothing is wrapped at all)
+    needs autocast, or a bf16 `train.dtype` would silently train in fp32.
+    """
+    if compute_dtype == torch.float32 or all(isinstance(m, FSDPModule) for m in wrapped):
+        return None
+    return compute_dtype
 
 
 def split_pipeline(model: nn.Module, spec: ModelSpec, mesh: Mesh, cfg: Config) -> tuple[list[int], list[nn.Module]]:
