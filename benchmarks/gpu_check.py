@@ -203,10 +203,8 @@ def model_overrides(args: argparse.Namespace, dim: int | None = None, layers: in
 
 
 def base_overrides(args: argparse.Namespace, run_dir: str) -> list[str]:
-    # dp_mode=ddp: at world size 1 neither FSDP2 nor DDP wraps the model, and only the ddp path
-    # turns on bf16 autocast (the fsdp path relies on FSDP2's mixed-precision policy, which a
-    # one-rank run never applies): without it a one-GPU run would train in fp32.
-    return [f"train.device={args.device}", f"train.dtype={args.dtype}", "parallel.dp=1", "parallel.dp_mode=ddp",
+    # The default dp_mode: at world size 1 nothing is wrapped, and bf16 runs under autocast (parallel/compose.py).
+    return [f"train.device={args.device}", f"train.dtype={args.dtype}", "parallel.dp=1",
             f"data.document_masking={'true' if args.document_masking else 'false'}", f"run_dir={run_dir}",
             "logging.jsonl=false", "data.max_bytes=8000000"]
 
