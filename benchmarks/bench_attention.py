@@ -221,8 +221,10 @@ def _prepare(op, layout: str, full: dict, causal: bool, rank: int, size: int, le
     return forward, forward_backward, dict(bytes=payload, calls=calls, peak_mb=peak)
 
 
-def bench_task(seq_lens: list[int], heads: int, kv_heads_list: list[int], head_dim: int, causal: bool, reps: int, dtype: str) -> list[dict]:
-    """Runs on every rank: all methods at every (kv heads, sequence length). Returns rank-0-style rows."""
+def bench_task(seq_lens: list[int], heads: int, kv_heads_list: list[int], head_dim: int, causal: bool, reps: int, dtype: str,
+               only: list[str] | None = None) -> list[dict]:
+    """Runs on every rank: all methods (or those named in `only`) at every (kv heads, sequence length).
+    Returns rank-0-style rows."""
     rank, size = dist.get_rank(), dist.get_world_size()
     ranks = list(range(size))
     same_cores = min(size * torch.get_num_threads(), os.cpu_count() or 1)  # all workers' threads, capped at the cores
@@ -255,6 +257,8 @@ def bench_task(seq_lens: list[int], heads: int, kv_heads_list: list[int], head_d
         methods.append(("deepspeed ulysses", "ulysses", deepspeed_ulysses_op(pgs[0]), [], None))
     except Exception as err:  # noqa: BLE001 - optional peer
         methods.append(("deepspeed ulysses", "ulysses", None, [], f"skipped: {type(err).__name__}: {err}"))
+    if only:  # labels as in the report; "usp" matches "usp(u=2)"
+        methods = [m for m in methods if m[0] in only or m[0].split("(")[0] in only]
     dt = getattr(torch, dtype)
     rows = []
     for kv_heads, n in [(kv, n) for kv in kv_heads_list for n in seq_lens]:
@@ -469,6 +473,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--full-mask", action="store_true", help="non-causal attention")
     ap.add_argument("--name", default="attention", help="results file stem under benchmarks/results/")
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help="only these methods, by report label (e.g. ulysses 'deepspeed ulysses'); default all")
     args = ap.parse_args()
     args.load_start = "/".join(f"{x:.1f}" for x in os.getloadavg())
     if args.quick:
@@ -481,7 +487,7 @@ def main() -> None:
         for p in args.sps:
             per_rank = run_distributed(
                 task, p, args.seq_lens, args.heads, args.kv_heads, args.head_dim, not args.full_mask, args.reps,
-                args.dtype, timeout=3600,
+                args.dtype, args.methods, timeout=3600,
             )
             rows += per_rank[0]
     finally:
