@@ -1,15 +1,15 @@
-"""Sequence-parallel attention: local, Ulysses, Ring (zigzag), TokenRing and USP behind one op.
+"""Sequence-parallel attention: local, Ulysses, Ring (zigzag), TokenRing, USP and all-gather K/V behind one op.
 
 Public API:
     build_attention_op(method, group=None, *, ulysses_group=None, ring_group=None, scale=None, backend="auto")
     shard_sequence(x, method, rank, size, dim=1, ulysses_degree=None) / unshard_sequence(shards, method, dim=1, ...)
-    validate_sp(method, n_heads, n_kv_heads, sp, seq_len, usp_ulysses=None) -> list[str]
+    validate_sp(method, n_heads, n_kv_heads, sp, seq_len, usp_ulysses=None, split_heads=True) -> list[str]
     usp_rank_groups(sp_ranks, ulysses_degree) -> (ulysses groups, ring groups)
     METHODS
 
 Installing a method (every rank of the SP group runs this, groups created in the same order):
 
-    op = build_attention_op("ring", sp_group)                   # or "ulysses", "tokenring"
+    op = build_attention_op("ring", sp_group)                   # or "ulysses", "tokenring", "allgather"
     # usp: uly_lists, ring_lists = usp_rank_groups(sp_global_ranks, ulysses_degree); new_group each
     #      list in that order; op = build_attention_op("usp", ulysses_group=uly, ring_group=ring)
     install_ops(model, {"softmax": op})                          # models.attention_api

@@ -1,8 +1,8 @@
 """LASP-2: linear attention over a sequence split across the ranks of an SP group.
 
 Each rank holds one or more *segments* (runs of consecutive global positions) of every sequence, in the
-layout of the configured softmax method (contiguous for ulysses, zigzag chunks i and 2P-1-i for ring and
-tokenring, usp's pieces). Linear attention is a linear recurrence over positions, so over segments in global
+layout of the configured softmax method (contiguous for ulysses, zigzag chunks i and 2P-1-i for ring,
+tokenring and allgather, usp's pieces). Linear attention is a linear recurrence over positions, so over segments in global
 order it is S_t = a_t S_{t-1} + M_t, where M_t = (K_t * kd)^T V_t is what segment t adds to the state at its
 end, and a_t = lambda^len_t * [segment t is one document run] * [it continues the run that ended t-1]
 resets the state at document boundaries, also across shards. A rank's outputs are its segments' own
@@ -262,8 +262,8 @@ def _plan_for(cache: BatchCache | None, key: tuple, compute) -> BatchPlan:
 class LinearSequenceParallel:
     """The op of "linear" slots over an SP group: LASP-2 by default (another `StateExchange` gives LASP-1).
 
-    `method` names the layout the batch is sharded with ("local"/"ulysses": contiguous, "ring"/"tokenring":
-    zigzag, "usp" with `ulysses_degree`); the group's ranks are listed in layout order (group rank r holds
+    `method` names the layout the batch is sharded with ("local"/"ulysses": contiguous, "ring"/"tokenring"/
+    "allgather": zigzag, "usp" with `ulysses_degree`); the group's ranks are listed in layout order (group rank r holds
     the layout's shard r, as the mesh's "sp" group does for every method). Call as op(q, k, v, meta, log_decay) with this rank's
     shard of q (B, S_local, H, Dk), k (B, S_local, H_kv, Dk), v (B, S_local, H_kv, Dv) (feature map applied);
     returns this rank's shard of the output (B, S_local, H, Dv) in q's dtype.

@@ -1,5 +1,6 @@
 """LASP-2H's softmax half: attention over an SP group by one all-gather of K/V (the llama3 context-parallel scheme
-LASP-2H applies to the softmax layers of a hybrid model), in any layout, with packed documents.
+LASP-2H applies to the softmax layers of a hybrid model), in any layout, with packed documents. The config selects
+it as `parallel.sp_method: allgather` (zigzag layout), for the softmax layers of any model kind.
 
 Each rank starts the all-gather of its K/V shard, attends its queries to its own K/V while the gather is in flight,
 then to every other rank's shard, merging partial outputs with the online-softmax rule. The per-pair kernel calls
@@ -75,7 +76,10 @@ def allgather_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gr
 
 
 class AllGatherKVSequenceParallel:
-    """LASP-2H's softmax op (an `AttentionOp`) over `group` in `method`'s layout (zigzag for ring/tokenring)."""
+    """LASP-2H's softmax op (an `AttentionOp`) over `group` in `method`'s layout (zigzag for ring/tokenring/allgather).
+
+    The config's `sp_method: allgather` reaches `allgather_kv_attention` through attention.op instead (its own zigzag
+    layout); this class runs the same scheme in another method's layout, as the tests and benchmarks compare it."""
 
     def __init__(self, group: CommGroup | None = None, method: str = "ring", ulysses_degree: int | None = None,
                  scale: float | None = None, backend: str = "auto") -> None:

@@ -1,7 +1,7 @@
 """How a full sequence is split over the ranks of an SP group, per method, and back.
 
 - contiguous (local, ulysses): rank r holds tokens [r N/P, (r+1) N/P).
-- zigzag (ring, tokenring): the sequence is cut into 2P chunks and rank r holds chunks r and
+- zigzag (ring, tokenring, allgather): the sequence is cut into 2P chunks and rank r holds chunks r and
   2P-1-r, so that under a causal mask every rank does the same work.
 - usp (P = P_ulysses x P_ring, SP rank = ring_rank * P_ulysses + ulysses_rank): the zigzag pair of
   the ring rank is cut into P_ulysses pieces and ulysses rank u holds piece u, so that after the
@@ -22,7 +22,8 @@ from meshweave.attention.masks import Segment
 from meshweave.core.schema import SP_METHODS
 
 METHODS = ("local", *SP_METHODS)  # "local": one rank, no communication
-_LAYOUT = {"local": "contiguous", "ulysses": "contiguous", "ring": "zigzag", "tokenring": "zigzag", "usp": "usp"}
+_LAYOUT = {"local": "contiguous", "ulysses": "contiguous", "ring": "zigzag", "tokenring": "zigzag", "usp": "usp",
+           "allgather": "zigzag"}
 
 
 def layout_of(method: str) -> str:

@@ -3,7 +3,7 @@
 The op receives this rank's shard of q (B, S_local, H, D) and k, v (B, S_local, H_kv, D) in the
 method's layout (see layout.py) and returns this rank's shard of the output; document ids in
 `AttentionMeta` are sharded with the same layout. What each method communicates is documented in
-its module.
+its module ("allgather", the all-gather-K/V scheme of LASP-2H and llama3's context parallelism, in lasp2h.py).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from meshweave.attention.lasp2h import allgather_kv_attention
 from meshweave.attention.layout import METHODS, shard_segments, shard_sequence, unshard_sequence
 from meshweave.attention.local import default_scale
 from meshweave.attention.ring import ring_attention
@@ -22,6 +23,10 @@ from meshweave.attention.usp import usp_attention
 from meshweave.attention.validate import validate_sp
 from meshweave.core.comm import CommGroup, single_process_group
 from meshweave.models.attention_api import AttentionMeta
+
+# The methods that take heads-first q, k, v and every rank's segments (ring's signature); local is a one-rank ring.
+_SEGMENT_OPS = {"local": ring_attention, "ring": ring_attention, "tokenring": tokenring_attention,
+                "allgather": allgather_kv_attention}
 
 
 class SequenceParallelAttention:
@@ -86,14 +91,14 @@ class SequenceParallelAttention:
         p, seq_len = self.group.size, q.shape[1] * self.group.size
         segments = [shard_segments(self.method, seq_len, p, r) for r in range(p)]
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-        fn = tokenring_attention if self.method == "tokenring" else ring_attention
+        fn = _SEGMENT_OPS[self.method]
         return fn(qt, kt, vt, self.group, segments, causal, scale, docs, self.backend, cache).transpose(1, 2)
 
 
 def build_attention_op(method: str, group: CommGroup | None = None, **options: Any) -> SequenceParallelAttention:
-    """The `AttentionOp` for `method` ("local", "ulysses", "ring", "tokenring", "usp").
+    """The `AttentionOp` for `method` ("local", "ulysses", "ring", "tokenring", "usp", "allgather").
 
-    local/ulysses/ring/tokenring take the SP `group`; usp takes `ulysses_group` (inner) and
+    local/ulysses/ring/tokenring/allgather take the SP `group`; usp takes `ulysses_group` (inner) and
     `ring_group` (outer) as returned, by rank list, from `usp_rank_groups`. Install it with
     `models.attention_api.install_ops(model, {"softmax": op})` and shard inputs with `op.shard(x)`. `options`: ulysses_group,
     ring_group, scale, backend, as for `SequenceParallelAttention`.

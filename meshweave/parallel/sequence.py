@@ -4,11 +4,12 @@ shard each batch to match.
 The ops (attention/) communicate inside token mixing only; everything else in a layer is per-token,
 so the rest of the model just runs on this rank's tokens. Every batch field with a declared
 sequence dimension (tokens, labels, position ids, document ids, ...) is sharded with the method's
-layout (zigzag for ring-based methods), so positions, document masks and the loss stay exact.
+layout (zigzag for ring-based methods and allgather), so positions, document masks and the loss stay exact.
 
-Op kinds: "softmax" slots take the configured method (ulysses, ring, tokenring, usp). A new kind
-(e.g. linear attention) adds a builder to `SLOT_OP_BUILDERS`; all kinds share the batch layout of
-the softmax method, which every builder receives.
+Op kinds: "softmax" slots take the configured method (ulysses, ring, tokenring, usp, allgather), "linear" slots
+LASP-2 (a hybrid with allgather on its softmax slots runs LASP-2H). A new kind adds a builder to
+`SLOT_OP_BUILDERS`; all kinds share the batch layout of the softmax method, which every builder receives.
+(launch/plan.py names each kind's op without importing torch: keep its names in step with these builders.)
 """
 
 from __future__ import annotations
