@@ -28,6 +28,7 @@ from meshweave.models.spec import ParallelLayout
 from meshweave.testing import run_distributed
 from meshweave.testing_equivalence import merge_stage_results, train_and_collect
 from meshweave.train.config import load_config
+from meshweave.train.validate import check, validate
 from tests.test_tp_pp import TOL
 
 DOCS = ["data.source=synthetic", "data.synthetic_mean_len=6", "data.synthetic_max_len=40"]
@@ -65,6 +66,26 @@ def test_bad_values_are_one_line_config_errors():
     assert "leaves no softmax layer" in spec.validate(HybridConfig(n_layers=4, softmax_every=5), layout)[0]
     assert spec.validate(HybridConfig(), ParallelLayout(tp=3, sp=1, sp_method="ring", seq_len=64))[0].startswith(
         "parallel.tp")
+
+
+def test_softmax_every_has_a_range():
+    with pytest.raises(ConfigError, match=r"^model.softmax_every: 0 must be >= 1$"):
+        check(load_config(None, ["model.kind=hybrid", "model.softmax_every=0"]), 1)
+
+
+def uneven_heads(kind: str, seq_len: int = 64):
+    """6 heads (dim 192) under ulysses at sp=4: they do not split over the ranks."""
+    return load_config(None, [f"model.kind={kind}", "model.dim=192", "model.n_heads=6", "model.n_kv_heads=6",
+                              f"train.seq_len={seq_len}", "parallel.sp=4", "parallel.dp=1", "parallel.sp_method=ulysses"])
+
+
+def test_ulysses_needs_whole_heads_only_where_softmax_layers_split_them():
+    assert validate(uneven_heads("linear_llama"), 4) == []  # LASP-2 (every layer linear) splits no heads
+    for kind in ("hybrid", "llama"):
+        (problem,) = validate(uneven_heads(kind), 4)
+        assert problem.startswith("parallel.sp: ulysses needs model.n_heads (6) divisible by sp (4)") and "\n" not in problem
+    (problem,) = validate(uneven_heads("linear_llama", seq_len=66), 4)  # the layout's own rule still holds
+    assert problem.startswith("train.seq_len: ulysses needs seq_len (66) divisible by sp (4)")
 
 
 def test_flops_count_the_linear_layers_as_linear_in_the_sequence_length():
@@ -113,16 +134,19 @@ LAYOUTS = {
     "sp2-tp2": ["parallel.sp=2", "parallel.tp=2", "parallel.sp_method=ulysses"],
     "sp2-pp2": ["parallel.sp=2", "parallel.pp=2", "parallel.microbatches=2", "parallel.sp_method=ring"],
     "sp4-usp": ["parallel.sp=4", "parallel.sp_method=usp", "parallel.usp.ulysses=2"],
+    "sp2-allgather": ["parallel.sp=2", "parallel.sp_method=allgather"],  # a hybrid's softmax layers: LASP-2H
+    "sp2-dp2-allgather": ["parallel.sp=2", "parallel.dp=2", "parallel.sp_method=allgather"],
 }
 # (kind, layout): both kinds on both sp layouts; each composition at least once, on 4 ranks (5-40 s each on 2
 # shared cores: the compositions beyond one per kind are marked slow). All of them pass for both kinds.
 CASES = [
     ("linear_llama", "sp2-ring"), ("hybrid", "sp2-ring"), ("linear_llama", "sp2-ulysses"), ("hybrid", "sp2-ulysses"),
-    ("hybrid", "sp2-ring-ac"), ("hybrid", "sp2-tp2"), ("linear_llama", "sp2-pp2"),
+    ("hybrid", "sp2-ring-ac"), ("hybrid", "sp2-tp2"), ("linear_llama", "sp2-pp2"), ("hybrid", "sp2-allgather"),
     pytest.param("linear_llama", "sp2-dp2", marks=pytest.mark.slow),
     pytest.param("linear_llama", "sp2-tp2", marks=pytest.mark.slow),
     pytest.param("hybrid", "sp2-pp2", marks=pytest.mark.slow),
     pytest.param("hybrid", "sp4-usp", marks=pytest.mark.slow),
+    pytest.param("hybrid", "sp2-dp2-allgather", marks=pytest.mark.slow),
 ]
 
 
@@ -194,8 +218,8 @@ def sp_model_grads(kind_overrides: list[str], method: str) -> dict:
     return {"loss": group.all_reduce(loss.detach().clone()), "grads": grads}
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("method", ["ring", "ulysses"])
+@pytest.mark.parametrize("kind,method", [(kind, method) for kind in KINDS for method in ("ring", "ulysses")]
+                         + [("hybrid", "allgather")])  # LASP-2 and, on the softmax layers, all-gather K/V
 def test_fp64_model_under_sequence_parallelism_equals_one_process(kind, method):
     model, batch = _fp64_model_and_batch(KINDS[kind])
     loss = _loss_sum(model, batch)

@@ -79,3 +79,11 @@ class ModelSpec:
     attention_slots: Callable[[Any], list[str]]  # op kind of each layer's slot, in layer order
     attention_heads: Callable[[Any], tuple[int, int]]  # (query heads, kv heads) for SP/TP checks
     validate: Callable[[Any, ParallelLayout], list[str]]  # one-line problems of this model under a layout
+    # The set of kinds among attention_slots, without listing layers (plan and validation must not grow with
+    # n_layers); None = taken from attention_slots.
+    slot_kinds: Callable[[Any], frozenset[str]] | None = None
+
+
+def slot_kinds(spec: ModelSpec, cfg: Any) -> frozenset[str]:
+    """The op kinds of the model's attention slots ("softmax", "linear", ...)."""
+    return spec.slot_kinds(cfg) if spec.slot_kinds is not None else frozenset(spec.attention_slots(cfg))

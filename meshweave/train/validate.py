@@ -25,7 +25,7 @@ from meshweave.core.errors import ConfigError
 from meshweave.core.schema import Config, UspConfig
 from meshweave.data.tokenizer import BYTE_VOCAB_SIZE
 from meshweave.models.registry import model_spec
-from meshweave.models.spec import ParallelLayout
+from meshweave.models.spec import ParallelLayout, slot_kinds
 from meshweave.parallel.schedules import SCHEDULE_CLASSES, is_multi_stage, stage_style
 
 # Largest cost-balanced pipeline split planned (stages * layers^2 steps of its dynamic programme).
@@ -160,15 +160,17 @@ def _sequence_parallel(cfg: Config, world: int) -> list[str]:
         return []
     if p.sp > seq:
         return [f"parallel.sp: {p.sp} ranks cannot share a sequence of train.seq_len {seq} tokens; use sp <= seq_len"]
-    heads, kv_heads = model_spec(cfg.model.kind).attention_heads(cfg.model)
-    if p.sp_method == "ulysses" and p.sp > heads // p.tp:
+    spec = model_spec(cfg.model.kind)
+    heads, kv_heads = spec.attention_heads(cfg.model)
+    split_heads = "softmax" in slot_kinds(spec, cfg.model)  # LASP-2 (linear layers) splits no heads
+    if p.sp_method == "ulysses" and split_heads and p.sp > heads // p.tp:
         return [f"parallel.sp: ulysses splits the attention heads over sp, but sp {p.sp} > the {heads // p.tp} heads per "
                 f"tensor-parallel rank; use sp_method: ring or usp"]
     if p.sp_method == "usp" and p.usp.ulysses * p.usp.ring != p.sp:
         return [f"parallel.usp: ulysses*ring = {p.usp.ulysses}*{p.usp.ring} = {p.usp.ulysses * p.usp.ring} must equal "
                 f"parallel.sp ({p.sp}); e.g. usp: {{ulysses: 2, ring: {max(1, p.sp // 2)}}}"]
     usp = p.usp.ulysses if p.sp_method == "usp" else None
-    return validate_sp(p.sp_method, heads // p.tp, kv_heads // p.tp, p.sp, seq, usp)
+    return validate_sp(p.sp_method, heads // p.tp, kv_heads // p.tp, p.sp, seq, usp, split_heads)
 
 
 def _batch(cfg: Config, world: int) -> list[str]:

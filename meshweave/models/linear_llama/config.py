@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from meshweave.core.schema import AtLeast1
 from meshweave.models.llama.config import LlamaConfig
 
 FeatureMap = Literal["identity", "elu1", "relu", "silu"]
@@ -27,7 +28,16 @@ class LinearLlamaConfig(LlamaConfig):
 @dataclass
 class HybridConfig(LinearLlamaConfig):
     kind: Literal["hybrid"] = "hybrid"  # type: ignore[assignment]
-    softmax_every: int = 4  # layers k-1, 2k-1, ... (every k-th) keep softmax attention; the rest are linear
+    softmax_every: AtLeast1 = 4  # layers k-1, 2k-1, ... (every k-th) keep softmax attention; the rest are linear
+
+
+def slot_kinds(cfg: LinearLlamaConfig) -> frozenset[str]:
+    """The kinds `layer_kinds` lists, computed without listing the layers."""
+    every = getattr(cfg, "softmax_every", 0)
+    kinds = {"softmax"} if 1 <= every <= cfg.n_layers else set()
+    if every != 1 and cfg.n_layers >= 1:  # every layer is softmax only when every = 1
+        kinds.add("linear")
+    return frozenset(kinds)
 
 
 def layer_kinds(cfg: LinearLlamaConfig) -> list[str]:

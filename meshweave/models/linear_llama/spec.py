@@ -3,7 +3,7 @@
 What differs from Llama: the module (linear layers), the per-layer slot kinds ("linear", and "softmax" on every
 k-th layer of a hybrid), the TP plan (plus each linear layer's decay slice), FLOPs and layer costs, and the checks.
 Under sequence parallelism "linear" slots get LASP-2 and "softmax" slots the configured method, both in that
-method's batch layout (parallel/sequence.py).
+method's batch layout (parallel/sequence.py); sp_method allgather on a hybrid's softmax slots makes it LASP-2H.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from meshweave.models.linear_llama.config import LinearLlamaConfig, layer_kinds
+from meshweave.models.linear_llama.config import LinearLlamaConfig, layer_kinds, slot_kinds
 from meshweave.models.linear_llama.flops import flops_per_token, mixing_flops
 from meshweave.models.llama.flops import block_params
 from meshweave.models.llama.spec import SPEC as LLAMA_SPEC
@@ -66,6 +66,7 @@ LINEAR_LLAMA_SPEC = dataclasses.replace(
     layer_costs=layer_costs,
     flops_per_token=flops_per_token,
     attention_slots=layer_kinds,
+    slot_kinds=slot_kinds,
     validate=validate,
 )
 HYBRID_SPEC = dataclasses.replace(LINEAR_LLAMA_SPEC, kind="hybrid")

@@ -87,6 +87,7 @@ SPEC = ModelSpec(
     hidden_width=lambda cfg: cfg.dim,
     output_width=lambda cfg: cfg.vocab_size,
     attention_slots=lambda cfg: ["softmax"] * cfg.n_layers,
+    slot_kinds=lambda cfg: frozenset({"softmax"}),
     attention_heads=lambda cfg: (cfg.n_heads, cfg.n_kv_heads),
     validate=validate,
 )
