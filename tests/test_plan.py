@@ -3,10 +3,12 @@
 import subprocess
 import sys
 
+import pytest
+
+from meshweave.core.mesh import ParallelDims
 from meshweave.launch.plan import bubble_fraction, render_plan
 from meshweave.train.build import parallel_dims
 from meshweave.train.config import load_config
-from meshweave.core.mesh import ParallelDims
 
 
 def test_rank_layout_groups_partition_the_world():
@@ -103,3 +105,27 @@ def test_plan_into_a_closed_pipe_ends_quietly():
     proc = subprocess.run(f"{sys.executable} -m meshweave plan --world-size 64 --set train.global_batch=64 | head -n 1", shell=True,
                           capture_output=True, text=True, timeout=60)
     assert proc.stdout.startswith("mesh (pp, dp, sp, tp)") and proc.stderr == ""
+
+
+@pytest.mark.parametrize("kind,method,ops", [
+    ("llama", "ring", "softmax layers: ring"),
+    ("linear_llama", "ulysses", "linear layers: LASP-2"),
+    ("hybrid", "ring", "linear layers: LASP-2; softmax layers: ring"),
+    ("hybrid", "allgather", "linear layers: LASP-2; softmax layers: LASP-2H (all-gather K/V)"),
+])
+def test_plan_names_the_op_of_each_layer_kind(kind, method, ops):
+    cfg = load_config(None, [f"model.kind={kind}", "parallel.sp=2", f"parallel.sp_method={method}"])
+    line = next(x for x in render_plan(cfg, parallel_dims(cfg, 2)).splitlines() if x.startswith("sequence parallel"))
+    assert line.endswith(f"tokens per rank; {ops}"), line
+
+
+
+def test_plan_splits_heads_under_ulysses_only_for_models_with_softmax_layers():
+    layout = ["--world-size", "4", "--set", "model.dim=192", "--set", "model.n_heads=6", "--set", "model.n_kv_heads=6",
+              "--set", "train.seq_len=64", "--set", "parallel.sp=4", "--set", "parallel.sp_method=ulysses"]
+    linear = _meshweave("plan", "--set", "model.kind=linear_llama", *layout)
+    assert linear.returncode == 0, linear.stderr
+    hybrid = _meshweave("plan", "--set", "model.kind=hybrid", *layout)
+    assert hybrid.returncode == 2 and hybrid.stdout == ""
+    assert hybrid.stderr.strip().splitlines() == [("meshweave: config error: parallel.sp: ulysses needs model.n_heads (6) "
+                                                   "divisible by sp (4); use sp_method: ring, or usp with ulysses <= 2")]

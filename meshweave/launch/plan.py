@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from meshweave.core.dims import ParallelDims
 from meshweave.core.schema import Config
 from meshweave.models.registry import model_spec
+from meshweave.models.spec import slot_kinds
 from meshweave.parallel.pipeline_split import split_layers
 from meshweave.parallel.schedules import is_multi_stage, stage_ids_of_rank, stage_style
 
@@ -138,6 +139,26 @@ def picked_defaults(given: Config, resolved: Config) -> list[str]:
     return notes
 
 
+# The op each attention slot kind gets under sp, by name (parallel/sequence.py's SLOT_OP_BUILDERS builds them;
+# plan imports no torch, so the names are listed here). Kinds in this order; others are shown as they are named.
+SLOT_KIND_ORDER = ("linear", "softmax")
+
+
+def slot_op_name(kind: str, method: str, kinds: frozenset[str]) -> str:
+    """What a slot of `kind` runs under sp_method `method` in a model with slot kinds `kinds`."""
+    if kind == "linear":
+        return "LASP-2"
+    if kind == "softmax" and method == "allgather":
+        return "LASP-2H (all-gather K/V)" if "linear" in kinds else "all-gather K/V"
+    return method if kind == "softmax" else f"{kind} op"
+
+
+def slot_ops_text(kinds: frozenset[str], method: str) -> str:
+    """One phrase per slot kind: "linear layers: LASP-2; softmax layers: ring"."""
+    ordered = [k for k in SLOT_KIND_ORDER if k in kinds] + sorted(kinds - set(SLOT_KIND_ORDER))
+    return "; ".join(f"{kind} layers: {slot_op_name(kind, method, kinds)}" for kind in ordered)
+
+
 def render_plan(cfg: Config, dims: ParallelDims, picked: list[str] | None = None) -> str:
     """The plan text for a resolved config; `picked` lists the values meshweave chose (see picked_defaults)."""
     p, m, t = cfg.parallel, cfg.model, cfg.train
@@ -148,7 +169,8 @@ def render_plan(cfg: Config, dims: ParallelDims, picked: list[str] | None = None
                  f"{spec.flops_per_token(m, t.seq_len):,.0f} training FLOPs/token (seq_len {t.seq_len}, causal)")
     if dims.sp > 1:
         extra = f" (ulysses {p.usp.ulysses} x ring {p.usp.ring})" if p.sp_method == "usp" else ""
-        lines.append(f"sequence parallel: {p.sp_method}{extra}, {t.seq_len // dims.sp} tokens per rank")
+        lines.append(f"sequence parallel: {p.sp_method}{extra}, {t.seq_len // dims.sp} tokens per rank; "
+                     f"{slot_ops_text(slot_kinds(spec, m), p.sp_method)}")
     splits = stage_splits(cfg, dims.pp)
     if dims.pp > 1:
         v = p.virtual_stages
