@@ -152,11 +152,18 @@ def _check_causal_square(mask: BlockMask, sq: int, sk: int) -> None:
         raise ValueError(f"a causal block must be square (diagonal), got {sq} queries x {sk} keys")
 
 
+def _strided_rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype`, copied only if its last dim is strided: the CPU flash ops take any batch/head/row
+    strides (bitwise the same result), so transposed (B, S, H, D) views need no contiguous copy."""
+    t = t.to(dtype)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 # --- CPU flash op ----------------------------------------------------------------------------
 def _cpu_forward(q, k, v, mask, scale):
     acc = accum_dtype(q.dtype)
     _check_causal_square(mask, q.shape[2], k.shape[2])
-    q, k, v = (t.to(acc).contiguous() for t in (q, k, v))
+    q, k, v = (_strided_rows(t, acc) for t in (q, k, v))
     explicit = _additive(mask, acc) if isinstance(mask, torch.Tensor) else None
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, mask == CAUSAL if isinstance(mask, str) else False, attn_mask=explicit, scale=scale
@@ -171,7 +178,7 @@ def _cpu_forward(q, k, v, mask, scale):
 
 def _cpu_backward(dout, q, k, v, out, lse, mask, scale):
     acc = accum_dtype(q.dtype)
-    dout, q, k, v, out = (t.to(acc).contiguous() for t in (dout, q, k, v, out))
+    dout, q, k, v, out = (_strided_rows(t, acc) for t in (dout, q, k, v, out))
     explicit = _additive(mask, acc) if isinstance(mask, torch.Tensor) else None
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dout, q, k, v, out, lse.to(acc).contiguous(), 0.0, mask == CAUSAL if isinstance(mask, str) else False,

@@ -31,6 +31,7 @@ from meshweave.attention.ring_comm import (
     prev_rank,
     start_exchange,
 )
+from meshweave.attention.single_block import covers_once, single_block_attention
 from meshweave.core.comm import CommGroup
 from meshweave.models.attention_api import BatchCache
 
@@ -204,6 +205,16 @@ def ring_attention(
     document_ids: (B, S) ids of this rank's tokens, or None. cache: the batch's attention cache, in which
     the gathered ids and plans are kept for the next layers. Communicates: see the module docstring
     (one all_gather of document ids per batch when given; none at all when the group has size 1).
+    A ring of one rank whose plan covers every row once (Ulysses, USP without a ring) skips the ring
+    machinery: single_block.py writes the kernel results directly.
     """
     plans = ring_plans("ring", group, segments, causal, document_ids, cache)
+    if group.size == 1 and _single_block(plans[0], q, k, group, segments, causal, cache):
+        return single_block_attention(q, k, v, plans[0], scale, backend)
     return _RingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), group, plans, scale, backend)
+
+
+def _single_block(plan: Plan, q, k, group: CommGroup, segments, causal: bool, cache: BatchCache | None) -> bool:
+    """Whether the one-rank plan tiles the rows exactly once (decided once per batch, with the plan)."""
+    key = ("ring_single_block", group.name, tuple(map(tuple, segments)), causal, q.shape[0], q.shape[2], k.shape[2])
+    return cached(cache, key, lambda: covers_once(plan, q.shape[0], q.shape[2], k.shape[2]))

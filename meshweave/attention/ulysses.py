@@ -35,7 +35,8 @@ def ulysses_attention(
     """q (B,S_local,H,D), k/v (B,S_local,H_kv,D) in the contiguous layout -> out (B,S_local,H,D).
 
     Ulysses is USP with a ring of one rank: after the all-to-all each rank holds whole sequences
-    for its heads, and attends locally (zigzag over a single rank is the contiguous order).
+    for its heads, and attends locally in one pass (attention/single_block.py: one kernel call, or
+    one per packed document, written straight into the output; no ring accumulators or merges).
     """
     local = single_process_group(f"{group.name}/local", group.ledger)
     return usp_attention(q, k, v, group, local, causal, scale, document_ids, backend, cache)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from meshweave.attention.layout import zigzag_segments
+from meshweave.attention.masks import Segment
 from meshweave.attention.ring import cached, ring_attention
 from meshweave.attention.ulysses_comm import (
     gather_sequence_ids,
@@ -64,6 +65,9 @@ def usp_attention(
     docs = cached(cache, ("usp_docs", ulysses_group.name, tuple(ulysses_group.ranks)),
                   lambda: gather_sequence_ids(document_ids, ulysses_group))
     ring_len = qh.shape[2] * ring_group.size
-    segments = [zigzag_segments(ring_len, ring_group.size, i) for i in range(ring_group.size)]
+    # One rank holds the whole sequence in order: one segment, so each packed document is one kernel call
+    # (two zigzag halves would split a document into two calls over the same rows, which must be merged).
+    segments = ([[Segment(0, ring_len)]] if ring_group.size == 1
+                else [zigzag_segments(ring_len, ring_group.size, i) for i in range(ring_group.size)])
     out = ring_attention(qh, kh, vh, ring_group, segments, causal, scale, docs, backend, cache)
     return head_to_seq(out.transpose(1, 2), ulysses_group)
