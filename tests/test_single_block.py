@@ -92,3 +92,14 @@ def test_covers_once():
     overlap = [*per_doc, BlockCall(slice(3, 8), slice(0, 3), FULL, slice(0, 1))]  # rows 3..7 twice
     assert not covers_once(overlap, 2, 8, 8)
     assert not covers_once([], 1, 8, 8)
+
+
+def test_expanded_upstream_gradient(monkeypatch):
+    """out.sum().backward() hands the op a dout with stride 0 everywhere (an expanded scalar)."""
+    x = _inputs(2, torch.float64, DOCS["documents"])
+    x["dout"] = torch.ones((), dtype=torch.float64).expand(B, S, H, D)
+    got, taken = _run_ulysses(x, True, torch.float64, monkeypatch)
+    assert taken == 1
+    ref = reference_with_grads(x, True)
+    for key in ("dq", "dk", "dv"):
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-10, atol=1e-10, msg=lambda m, key=key: f"{key}: {m}")

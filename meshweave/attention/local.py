@@ -253,6 +253,7 @@ def _flash_backward(dout, q, k, v, out, lse, mask, scale):
 # --- torch's CUDA flash SDPA op (CUDA only; gpu_check runs it against the fp64 reference) ------
 def _cuda_forward(q, k, v, mask, scale):
     _check_flash_mask(mask, q.shape[2], k.shape[2])
+    q, k, v = (_strided_rows(t, t.dtype) for t in (q, k, v))  # the kernel needs a unit stride in the last dim only
     # dropout 0, no debug mask; returns (out, lse, cum_seq_q, cum_seq_k, max_q, max_k, rng_state, unused, debug)
     out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, mask == CAUSAL, False, scale=scale)
     out, lse = out.to(torch.float32), lse.to(torch.float32)
@@ -267,8 +268,9 @@ def _cuda_backward(dout, q, k, v, out, lse, mask, scale):
     # The rng state is read only when dropout_p > 0 (and the op skips the device check), so placeholders do.
     seed, offset = torch.empty((), dtype=torch.long), torch.empty((), dtype=torch.long)
     # cum_seq_q/k None (undefined) selects the dense kernel, not varlen; max_q/max_k are the block lengths.
+    dout, q, k, v, out = (_strided_rows(t, q.dtype) for t in (dout, q, k, v, out))
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        dout.to(q.dtype), q, k, v, out.to(q.dtype), lse.to(torch.float32).contiguous(), None, None,
+        dout, q, k, v, out, lse.to(torch.float32).contiguous(), None, None,
         q.shape[2], k.shape[2], 0.0, mask == CAUSAL, seed, offset, scale=scale,
     )
     return dq.to(torch.float32), dk.to(torch.float32), dv.to(torch.float32)
