@@ -87,11 +87,12 @@ def _expected_step_reads(overrides: list[str]) -> dict[str, int]:
 
 @pytest.mark.parametrize("world,overrides", [
     (2, ["parallel.dp=2"]),
-    (2, ["parallel.dp=2", "parallel.dp_mode=ddp", "train.grad_accum=2"]),
+    pytest.param(2, ["parallel.dp=2", "parallel.dp_mode=ddp", "train.grad_accum=2"], marks=pytest.mark.slow),
     (2, ["parallel.tp=2"]),
-    (2, ["parallel.pp=2", "parallel.microbatches=2"]),
+    pytest.param(2, ["parallel.pp=2", "parallel.microbatches=2"], marks=pytest.mark.slow),
     (2, ["parallel.sp=2", "parallel.sp_method=ring", "train.grad_accum=2"]),
-    (2, ["parallel.sp=2", "parallel.sp_method=ulysses", "parallel.activation_checkpointing=true"]),
+    pytest.param(2, ["parallel.sp=2", "parallel.sp_method=ulysses", "parallel.activation_checkpointing=true"],
+                 marks=pytest.mark.slow),
 ], ids=["dp2-fsdp", "dp2-ddp-accum2", "tp2", "pp2", "sp2-ring-accum2", "sp2-ulysses-ac"])
 def test_no_host_reads_except_on_log_steps(world, overrides):
     expected = _expected_step_reads(overrides)

@@ -13,6 +13,11 @@ SHORT = ["--set", "train.steps=6", "--set", "logging.every_steps=3", "--set", "t
          "--set", "data.max_bytes=300000", "--set", "train.seq_len=64"]
 
 
+# A small model where the test is about launching, not about the default model.
+SMALL_MODEL = ["--set", "model.dim=64", "--set", "model.n_layers=2", "--set", "model.n_heads=4",
+               "--set", "model.n_kv_heads=2", "--set", "model.ffn_hidden=96", "--set", "data.max_bytes=100000"]
+
+
 def _run(cmd, env=None, timeout=300):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
@@ -60,10 +65,10 @@ def test_torchrun_launch_matches_standalone(tmp_path):
     cfg.write_text("version: 1\nparallel: {dp: 2, dp_mode: ddp}\n")
     port = free_port()
     torchrun = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                     str(port), "-m", "meshweave", "train", str(cfg), "--set", f"run_dir={tmp_path}/a", *SHORT])
+                     str(port), "-m", "meshweave", "train", str(cfg), "--set", f"run_dir={tmp_path}/a", *SHORT, *SMALL_MODEL])
     assert torchrun.returncode == 0, torchrun.stderr[-3000:]
     standalone = _run([sys.executable, "-m", "meshweave", "train", str(cfg), "--nproc", "2",
-                       "--set", f"run_dir={tmp_path}/b", *SHORT])
+                       "--set", f"run_dir={tmp_path}/b", *SHORT, *SMALL_MODEL])
     assert standalone.returncode == 0, standalone.stderr[-3000:]
     loss = lambda out: [line.split("|")[1] for line in _progress_lines(out)]  # noqa: E731
     assert loss(torchrun.stdout) == loss(standalone.stdout) and len(loss(torchrun.stdout)) == 2
@@ -79,7 +84,7 @@ def test_slurm_environment_launch(tmp_path):
                "SLURM_NODELIST": "127.0.0.1", "SLURM_JOB_ID": "7", "MASTER_PORT": port}
         env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}, **env}
         procs.append(subprocess.Popen([sys.executable, "-m", "meshweave", "train", "--set", f"run_dir={tmp_path}",
-                                       *SHORT], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                                       *SHORT, *SMALL_MODEL], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert len(_progress_lines(outs[0][0])) == 2 and _progress_lines(outs[1][0]) == []

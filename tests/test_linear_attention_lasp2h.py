@@ -47,7 +47,7 @@ def run_cases(cases: list[Case]) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("p", [1, 2, 4])
+@pytest.mark.parametrize("p", [1, 2, pytest.param(4, marks=pytest.mark.slow)])
 def test_allgather_kv_attention_matches_reference(p):
     per_rank = [run_cases(CASES)] if p == 1 else run_distributed(run_cases, p, CASES, timeout=300)
     assert_matches_reference_with_exact_traffic(per_rank, CASES, p)

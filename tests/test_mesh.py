@@ -37,6 +37,7 @@ def test_mesh_groups_and_carved_subgroups_on_4_ranks():
         assert res["ledger"] == {"dp_sp2/all_reduce": {"calls": 1, "bytes": 8}, "dp_sp4/all_reduce": {"calls": 1, "bytes": 8}}
 
 
+@pytest.mark.slow  # eight processes; the 4-rank mesh test stays in the fast subset
 def test_mesh_with_tp_and_pp_axes_on_8_ranks():
     results = run_distributed(_mesh_groups, 8, 2, 2, 1, 2)
     for rank, res in enumerate(results):

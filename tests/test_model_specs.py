@@ -39,6 +39,7 @@ def test_the_kind_is_resolved_from_the_config_and_its_layers_alternate():
     assert toy_models.slot_kinds(spec.build(cfg.model)) == spec.attention_slots(cfg.model)
 
 
+@pytest.mark.slow  # a second one-process training run
 def test_the_two_kinds_compute_different_things(reference):
     llama = run_distributed(train_and_collect, 1, [])[0]
     assert abs(llama["losses"][-1] - reference["losses"][-1]) > 1e-4
@@ -46,10 +47,10 @@ def test_the_two_kinds_compute_different_things(reference):
 
 @pytest.mark.parametrize("overrides", [
     ["parallel.dp=2"],
-    ["parallel.tp=2"],
-    ["parallel.pp=2", "parallel.microbatches=2"],
+    pytest.param(["parallel.tp=2"], marks=pytest.mark.slow),
+    pytest.param(["parallel.pp=2", "parallel.microbatches=2"], marks=pytest.mark.slow),
     ["parallel.sp=2", "parallel.sp_method=ring"],
-    ["parallel.sp=2", "parallel.sp_method=ulysses"],
+    pytest.param(["parallel.sp=2", "parallel.sp_method=ulysses"], marks=pytest.mark.slow),
 ], ids=["dp2", "tp2", "pp2", "sp2-ring", "sp2-ulysses"])
 def test_two_op_kind_model_matches_one_process(overrides, reference):
     assert_matches_reference(run_distributed(train_alternating, 2, overrides), reference)

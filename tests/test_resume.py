@@ -24,7 +24,7 @@ from meshweave.train.config import load_config
 from meshweave.testing import run_distributed
 from meshweave.testing_equivalence import SMALL_TEST_CONFIG
 
-STEPS = 12
+STEPS = 8  # killed at step 4: enough steps on both sides of the kill to compare
 SMALL = [f"--set={o}" for o in SMALL_TEST_CONFIG] + [f"--set=train.steps={STEPS}", "--set=logging.every_steps=1",
                                                     "--set=logging.jsonl=true"]
 
@@ -146,6 +146,7 @@ def saved_under_dp4(tmp_path_factory):
     return ckpt_dir, run_distributed(_train_and_save, 4, str(ckpt_dir), ["parallel.dp=4"])[0]
 
 
+@pytest.mark.slow  # four ranks save, then two load (test_checkpoint_dist keeps a resharding case in the fast subset)
 @pytest.mark.parametrize("target", list(RESHARD_TARGETS))
 def test_save_under_dp4_load_under_other_layout(target, saved_under_dp4):
     ckpt_dir, saved = saved_under_dp4
