@@ -1,5 +1,6 @@
 """The live mesh: named groups match the analytic rank layout; carved sub-groups of varying size work."""
 
+import pytest
 import torch
 import torch.distributed as dist
 
