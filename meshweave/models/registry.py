@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from meshweave.models.linear_llama.config import HybridConfig, LinearLlamaConfig
 from meshweave.models.llama.config import LlamaConfig
+from meshweave.models.st_dit.config import STDiTConfig
 
 if TYPE_CHECKING:
     from meshweave.models.spec import ModelSpec
@@ -22,6 +23,7 @@ _KINDS: dict[str, tuple[type, str]] = {
     "llama": (LlamaConfig, "meshweave.models.llama.spec:SPEC"),
     "linear_llama": (LinearLlamaConfig, "meshweave.models.linear_llama.spec:LINEAR_LLAMA_SPEC"),
     "hybrid": (HybridConfig, "meshweave.models.linear_llama.spec:HYBRID_SPEC"),
+    "st_dit": (STDiTConfig, "meshweave.models.st_dit.spec:SPEC"),
 }
 
 

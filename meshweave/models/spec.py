@@ -53,6 +53,7 @@ class ParallelLayout:
     sp: int
     sp_method: str
     seq_len: int
+    pp: int = 1
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,12 @@ class ModelSpec:
     # The set of kinds among attention_slots, without listing layers (plan and validation must not grow with
     # n_layers); None = taken from attention_slots.
     slot_kinds: Callable[[Any], frozenset[str]] | None = None
+    # Models with factorised multi-dimensional attention (spatial x temporal, ...): the activation dim each block
+    # attends over, in block order (dims of the (B, T, S, C) activations; see models/layout_api.py). DSP
+    # (sp_method dsp) needs it; None = a one-dimensional sequence model.
+    factorised_dims: Callable[[Any], list[int]] | None = None
+    # The model's own data set (config -> object with __len__ and batch(rows) -> Batch); None = packed text.
+    build_dataset: Callable[[Any], Any] | None = None
 
 
 def slot_kinds(spec: ModelSpec, cfg: Any) -> frozenset[str]:

@@ -78,8 +78,9 @@ def build_trainer(cfg: Config, local_rank: int = 0) -> Trainer:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run_dir) / "config.yaml").write_text(dump_yaml(cfg))
     t, spec = cfg.train, model_spec(cfg.model.kind)
-    dataset = build_dataset(cfg.data.source, cfg.data.path, cfg.data.max_bytes, t.seq_len, cfg.model.vocab_size,
-                            t.seed, cfg.data.synthetic_mean_len, cfg.data.synthetic_max_len, cfg.data.document_masking)
+    dataset = spec.build_dataset(cfg) if spec.build_dataset is not None else build_dataset(
+        cfg.data.source, cfg.data.path, cfg.data.max_bytes, t.seq_len, cfg.model.vocab_size, t.seed,
+        cfg.data.synthetic_mean_len, cfg.data.synthetic_max_len, cfg.data.document_masking)
     sampler = DistributedSampler(len(dataset), t.global_batch, mesh.coordinate["dp"], mesh.dims.dp, t.seed)
     pm = parallelize(build_model(spec, cfg, device), spec, mesh, cfg, compute_dtype(cfg, device_type))
     optimizer = build_optimizer(pm.model_parts, t, device_type)

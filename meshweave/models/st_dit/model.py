@@ -1,0 +1,176 @@
+"""A spatial-temporal diffusion transformer (Open-Sora / Latte style) on video latents.
+
+latents (B, T, C, H, W) -> patchify -> tokens (B, T, S, dim), S = (H/p)(W/p) -> blocks alternating spatial
+(attention over the S tokens of one frame) and temporal (attention over the T frames of one patch), each with
+adaLN timestep conditioning and an MLP -> adaLN final layer -> predicted velocity per token (B, T, S, C*p*p).
+
+Layout conventions that the parallel layers rely on:
+- every block attends over exactly one activation dim (`layout.attends`), with its own sinusoidal position
+  encoding over that dim, so it runs unchanged on any part of the activations in which that dim is whole;
+- `layout` (a LayoutSlot) is where the activations are sharded and resharded between blocks (DSP);
+- `layers` is a ModuleDict "0".."2L-1" (spatial, temporal, spatial, ...); attention runs in AttentionSlots of
+  kinds "spatial" and "temporal" (non-causal);
+- the output is this rank's real part of the prediction and where it starts (`VideoPrediction`); the loss
+  compares it with the same part of the target.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from meshweave.models.attention_api import AttentionMeta, AttentionSlot
+from meshweave.models.layout_api import LayoutSlot
+from meshweave.models.st_dit.config import SPATIAL, STDiTConfig, block_attends
+
+
+class VideoPrediction(NamedTuple):
+    tokens: torch.Tensor  # (B', T', S', C*p*p): a part of the full (B, T, S, C*p*p) prediction
+    starts: tuple[int, ...]  # where that part starts in dims B, T, S
+
+
+def patchify(latents: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, T, C, H, W) -> (B, T, S, C*p*p), patches in row-major order."""
+    b, t, c, h, w = latents.shape
+    x = latents.reshape(b, t, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 1, 3, 5, 2, 4, 6).reshape(b, t, (h // patch) * (w // patch), c * patch * patch)
+
+
+def sincos(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """(N,) positions -> (N, dim) sinusoidal features (cos half, sin half), in fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=positions.device) / half)
+    angles = positions.to(torch.float32)[:, None] * freqs
+    out = torch.cat([angles.cos(), angles.sin()], dim=-1)
+    return F.pad(out, (0, dim - 2 * half))
+
+
+def spatial_positions(h: int, w: int, dim: int, device: torch.device) -> torch.Tensor:
+    """(h*w, dim): half the features encode the patch row, half the column."""
+    rows = sincos(torch.arange(h, device=device), dim // 2)
+    cols = sincos(torch.arange(w, device=device), dim - dim // 2)
+    return torch.cat([rows[:, None].expand(h, w, -1), cols[None].expand(h, w, -1)], dim=-1).reshape(h * w, dim)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x (B, ..., D) with per-sample shift/scale (B, D)."""
+    view = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+    return x * (1 + scale.view(view)) + shift.view(view)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, cfg: STDiTConfig) -> None:
+        super().__init__()
+        self.freq_dim = cfg.freq_dim
+        self.mlp = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        features = sincos(t * 1000.0, self.freq_dim).to(self.mlp[0].weight.dtype)
+        return self.mlp(features)
+
+
+class FactorisedAttention(nn.Module):
+    """Multi-head self-attention over one activation dim (`attends`) of x (B, T, S, D), the others batched."""
+
+    def __init__(self, cfg: STDiTConfig, attends: int) -> None:
+        super().__init__()
+        self.attends, self.n_heads = attends, cfg.n_heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.mixer = AttentionSlot("spatial" if attends == SPATIAL else "temporal")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = x.movedim(self.attends, -2)  # (B, other, N, D)
+        lead, (n, d) = seq.shape[:-2], seq.shape[-2:]
+        q, k, v = self.qkv(seq.reshape(-1, n, d)).view(-1, n, 3, self.n_heads, d // self.n_heads).unbind(2)
+        out = self.mixer(q, k, v, AttentionMeta(causal=False)).reshape(*lead, n, d)
+        return self.proj(out).movedim(-2, self.attends)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: STDiTConfig) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(cfg.dim, cfg.mlp_hidden), nn.Linear(cfg.mlp_hidden, cfg.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class STBlock(nn.Module):
+    """adaLN (shift, scale, gate for attention and MLP from the timestep), attention over one dim, MLP."""
+
+    def __init__(self, cfg: STDiTConfig, attends: int) -> None:
+        super().__init__()
+        self.cfg, self.attends = cfg, attends
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, elementwise_affine=False)
+        self.attn = FactorisedAttention(cfg, attends)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, elementwise_affine=False)
+        self.mlp = MLP(cfg)
+        self.ada = nn.Linear(cfg.dim, 6 * cfg.dim)
+
+    def positions(self, x: torch.Tensor) -> torch.Tensor:
+        """Position encoding over the attended dim, broadcastable to x."""
+        d, device = self.cfg.dim, x.device
+        if self.attends == SPATIAL:
+            h, w = self.cfg.height // self.cfg.patch, self.cfg.width // self.cfg.patch
+            pos = spatial_positions(h, w, d, device)[None, None]  # (1, 1, S, D)
+        else:
+            pos = sincos(torch.arange(x.shape[1], device=device), d)[None, :, None]  # (1, T, 1, D)
+        return pos.to(x.dtype)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(c)).chunk(6, dim=-1)
+        view = (x.shape[0], 1, 1, x.shape[-1])
+        h = modulate(self.norm1(x), shift1, scale1) + self.positions(x)
+        x = x + gate1.view(view) * self.attn(h)
+        return x + gate2.view(view) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: STDiTConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, elementwise_affine=False)
+        self.ada = nn.Linear(cfg.dim, 2 * cfg.dim)
+        self.linear = nn.Linear(cfg.dim, cfg.patch_width)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.ada(F.silu(c)).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class STDiT(nn.Module):
+    def __init__(self, cfg: STDiTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = nn.Linear(cfg.patch_width, cfg.dim)
+        self.t_embed = TimestepEmbedder(cfg)
+        attends = block_attends(cfg)
+        self.layers = nn.ModuleDict({str(i): STBlock(cfg, a) for i, a in enumerate(attends)})
+        self.final = FinalLayer(cfg)
+        self.layout = LayoutSlot(attends)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal weights, zero biases. The adaLN projections are not zero-initialised (adaLN-Zero) so that every
+        parameter has a gradient from the first step (the equivalence tests compare all of them)."""
+        for p in self.parameters():
+            if p.dim() == 1:
+                nn.init.zeros_(p)
+            else:
+                nn.init.trunc_normal_(p, std=self.cfg.init_std, a=-3 * self.cfg.init_std, b=3 * self.cfg.init_std)
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor) -> VideoPrediction:
+        """latents (B, T, C, H, W) noisy; timesteps (B,) in [0, 1]. Returns this rank's part of the velocity."""
+        x = self.patch_embed(patchify(latents, self.cfg.patch))  # (B, T, S, dim)
+        sizes = x.shape[:3]
+        c = self.t_embed(timesteps)
+        x = self.layout.enter(x)
+        for i, block in enumerate(self.layers.values()):
+            x = block(self.layout.before_block(x, sizes, i), self.layout.samples(c, sizes, i))
+        x, starts = self.layout.exit(x, sizes)
+        c = c.narrow(0, starts[0], x.shape[0])  # the batch dim may be sharded (images)
+        return VideoPrediction(self.final(x, c), starts)
