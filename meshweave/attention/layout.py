@@ -23,7 +23,7 @@ from meshweave.core.schema import SP_METHODS
 
 METHODS = ("local", *SP_METHODS)  # "local": one rank, no communication
 _LAYOUT = {"local": "contiguous", "ulysses": "contiguous", "ring": "zigzag", "tokenring": "zigzag", "usp": "usp",
-           "allgather": "zigzag"}
+           "allgather": "zigzag", "dsp": "contiguous"}  # dsp: a dim's padded contiguous chunks (attention/dsp.py)
 
 
 def layout_of(method: str) -> str:

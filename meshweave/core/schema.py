@@ -68,7 +68,7 @@ NonNegative = Annotated[float, Range(ge=0)]
 AtLeast1OrAuto = Annotated[int, Range(ge=1, also=(0,), meaning="(picked automatically)")]
 AtLeast1OrFill = Annotated[int, Range(ge=1, also=(-1,), meaning="to fill the world size")]
 
-SpMethod = Literal["ulysses", "ring", "tokenring", "usp", "allgather"]
+SpMethod = Literal["ulysses", "ring", "tokenring", "usp", "allgather", "dsp"]
 SP_METHODS: tuple[str, ...] = get_args(SpMethod)  # the one list of sequence-parallel methods
 CHECKPOINT_LEVELS = ("memory", "local", "persistent")  # also the only valid flush order
 
@@ -86,7 +86,7 @@ class ParallelConfig:
     pp: AtLeast1 = 1  # pipeline-parallel degree (stages)
     sp: AtLeast1 = 1  # sequence-parallel degree (attention split over the sequence)
     dp_mode: Literal["fsdp", "ddp"] = "fsdp"  # FSDP2 fully_shard, or DDP
-    sp_method: SpMethod = "ring"  # ulysses | ring | tokenring | usp | allgather (K/V all-gathered: LASP-2H's)
+    sp_method: SpMethod = "ring"  # ulysses | ring | tokenring | usp | allgather (K/V all-gathered: LASP-2H's) | dsp (st_dit)
     usp: UspConfig = field(default_factory=UspConfig)
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved1f1b | zerobubble ...
     microbatches: AtLeast1OrAuto = 0  # pipeline microbatches per step per data-parallel rank; 0 = picked to fit (see plan)

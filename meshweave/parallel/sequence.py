@@ -7,7 +7,8 @@ sequence dimension (tokens, labels, position ids, document ids, ...) is sharded 
 layout (zigzag for ring-based methods and allgather), so positions, document masks and the loss stay exact.
 
 Op kinds: "softmax" slots take the configured method (ulysses, ring, tokenring, usp, allgather), "linear" slots
-LASP-2 (a hybrid with allgather on its softmax slots runs LASP-2H). A new kind adds a builder to
+LASP-2 (a hybrid with allgather on its softmax slots runs LASP-2H). sp_method dsp instead installs DSP in the
+model's layout slots (models/layout_api.py) and leaves attention local. A new kind adds a builder to
 `SLOT_OP_BUILDERS`; all kinds share the batch layout of the softmax method, which every builder receives.
 (launch/plan.py names each kind's op without importing torch: keep its names in step with these builders.)
 """
@@ -19,11 +20,13 @@ from collections.abc import Callable
 import torch.nn as nn
 
 from meshweave.attention import SequenceParallelAttention, usp_rank_groups
+from meshweave.attention.dsp import DynamicSequenceParallel
 from meshweave.attention.lasp2 import lasp2_for_layout
 from meshweave.core.batch import Batch
 from meshweave.core.mesh import Mesh
 from meshweave.core.schema import ParallelConfig
 from meshweave.models.attention_api import AttentionOp, attention_slots, install_ops
+from meshweave.models.layout_api import layout_slots
 from meshweave.parallel.runner import BatchSharder
 
 # op kind -> builder(mesh, parallel config, the softmax op that fixes the layout) -> AttentionOp
@@ -44,8 +47,23 @@ def build_sp_op(mesh: Mesh, p: ParallelConfig) -> SequenceParallelAttention:
     return SequenceParallelAttention("usp", ulysses_group=ulysses, ring_group=ring)
 
 
+def apply_dynamic_sequence_parallel(model: nn.Module, mesh: Mesh) -> BatchSharder:
+    """DSP: the model's layout slots shard and reshard its activations; attention slots stay local (DSP never
+    communicates inside attention). The batch is not sharded: the model takes its own part at entry."""
+    slots = layout_slots(model)
+    if not slots:
+        raise ValueError("sp_method dsp needs a model with a LayoutSlot (factorised spatial/temporal attention, "
+                         "e.g. kind st_dit); use another sp_method for this model")
+    op = DynamicSequenceParallel(mesh.group("sp"))
+    for slot in slots:
+        slot.op = op
+    return lambda batch: batch
+
+
 def apply_sequence_parallel(model: nn.Module, mesh: Mesh, p: ParallelConfig) -> BatchSharder:
     """Install the SP op of each slot kind in `model`; return the function that shards a batch for them."""
+    if p.sp_method == "dsp":
+        return apply_dynamic_sequence_parallel(model, mesh)
     layout_op = build_sp_op(mesh, p)
     kinds = {slot.kind for slot in attention_slots(model)}
     unknown = kinds - set(SLOT_OP_BUILDERS)

@@ -102,7 +102,7 @@ def _default_usp(cfg: Config) -> UspConfig:
 
 def _model(cfg: Config, world: int) -> list[str]:
     m, p = cfg.model, cfg.parallel
-    problems = model_spec(m.kind).validate(m, ParallelLayout(p.tp, p.sp, p.sp_method, cfg.train.seq_len))
+    problems = model_spec(m.kind).validate(m, ParallelLayout(p.tp, p.sp, p.sp_method, cfg.train.seq_len, p.pp))
     if problems:
         return problems
     vocab = getattr(m, "vocab_size", None)
@@ -158,6 +158,8 @@ def _sequence_parallel(cfg: Config, world: int) -> list[str]:
     p, seq = cfg.parallel, cfg.train.seq_len
     if p.sp == 1:
         return []
+    if p.sp_method == "dsp":
+        return _dynamic_sequence_parallel(cfg)
     if p.sp > seq:
         return [f"parallel.sp: {p.sp} ranks cannot share a sequence of train.seq_len {seq} tokens; use sp <= seq_len"]
     spec = model_spec(cfg.model.kind)
@@ -171,6 +173,15 @@ def _sequence_parallel(cfg: Config, world: int) -> list[str]:
                 f"parallel.sp ({p.sp}); e.g. usp: {{ulysses: 2, ring: {max(1, p.sp // 2)}}}"]
     usp = p.usp.ulysses if p.sp_method == "usp" else None
     return validate_sp(p.sp_method, heads // p.tp, kv_heads // p.tp, p.sp, seq, usp, split_heads)
+
+
+def _dynamic_sequence_parallel(cfg: Config) -> list[str]:
+    """DSP needs factorised attention (each block over one dim of multi-dimensional activations); it splits no
+    heads and pads dims that do not divide by sp, so nothing else constrains it."""
+    if model_spec(cfg.model.kind).factorised_dims is None:
+        return [f"parallel.sp_method: dsp shards the dims of factorised (spatial/temporal) attention, which model kind "
+                f"{cfg.model.kind} does not have; use sp_method: ring or ulysses, or model.kind: st_dit"]
+    return []
 
 
 def _batch(cfg: Config, world: int) -> list[str]:

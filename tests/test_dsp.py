@@ -1,0 +1,241 @@
+"""DSP (sp_method dsp) on the `st_dit` video diffusion transformer.
+
+- the switch of the sharded dim (one all_to_all_single, zero padding, trimming) and its backward;
+- the planner: fewest switches for the block order, images (T=1) shard the batch;
+- fp64: one ST block (a spatial and a temporal block) and the whole model under DSP at P = 1, 2, 4, with T and S
+  not divisible by P and T = 1: every rank's part of the output equals one process's, the summed loss and every
+  parameter gradient (summed over the SP ranks, as dp x sp reduction does) to 1e-10; the ledger's bytes equal
+  the formula (one all-to-all per switch forward and one backward, of the padded activations);
+- the real trainer: st_dit under sp=2 dsp equals one process's losses and gradients (fp32 tolerance);
+- config errors name the fix; the built-in videos are deterministic per row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from meshweave.attention.dsp import plan_sharded_dims, plan_switches
+from meshweave.attention.dsp_comm import chunk_length, take_chunk
+from meshweave.core.errors import ConfigError
+from meshweave.models.registry import model_spec
+from meshweave.testing import run_distributed
+from meshweave.train.config import load_config
+from meshweave.train.validate import check, validate
+
+T_, S_ = 1, 2  # activation dims of (B, T, S, C)
+
+
+# --- the switch -----------------------------------------------------------------------------------------------
+def _switch_on_ranks(shape: tuple[int, ...], scatter: int, gather: int) -> dict:
+    import torch.distributed as dist
+
+    from meshweave.attention.dsp_comm import reshard
+    from meshweave.core.comm import CommGroup, CommLedger
+
+    ranks = list(range(dist.get_world_size()))
+    group = CommGroup("sp", dist.new_group(ranks), ranks, CommLedger())
+    full = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = take_chunk(full, gather, group.size, group.rank).detach().requires_grad_()
+    y = reshard(x, group, scatter, gather, shape[scatter], shape[gather])
+    (y * take_chunk(weight, scatter, group.size, group.rank)).sum().backward()
+    return {"y": y.detach(), "grad": x.grad, "full": full, "weight": weight, "ledger": group.ledger.snapshot()}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_switch_reshards_with_padding_and_its_backward_is_the_reverse_switch(world):
+    shape = (2, 3, 5, 4)  # neither 3 nor 5 divides by 2 or 4
+    for rank, res in enumerate(run_distributed(_switch_on_ranks, world, shape, S_, T_)):
+        full, weight = res["full"], res["weight"]
+        assert torch.equal(res["y"], take_chunk(full, S_, world, rank))  # now sharded on S, T whole
+        # each value's gradient is its weight where it lands; padding rows of T are trimmed, so theirs is zero
+        expected_grad = take_chunk(weight, T_, world, rank)
+        torch.testing.assert_close(res["grad"], expected_grad, rtol=0, atol=0)
+        # forward (B, cT, P*cS, C) and backward (B, P*cT, cS, C): the same padded size, fp64
+        sent = 2 * chunk_length(shape[T_], world) * world * chunk_length(shape[S_], world) * 4 * 8
+        assert res["ledger"] == {"sp/all_to_all": {"calls": 2, "bytes": 2 * sent}}
+
+
+# --- the planner ----------------------------------------------------------------------------------------------
+def test_plan_alternates_for_spatial_temporal_blocks_with_the_fewest_switches():
+    attends = (S_, T_) * 3
+    assert plan_sharded_dims((2, 8, 64), attends, 4) == (T_, S_) * 3
+    assert plan_switches((2, 8, 64), attends, 4) == 5
+    # blocks attending over nothing (an MLP-only block) stay on the current dim
+    assert plan_sharded_dims((2, 8, 64), (S_, None, None, T_), 2) == (T_, T_, T_, S_)
+
+
+def test_plan_for_images_shards_the_batch_throughout():
+    assert plan_sharded_dims((4, 1, 64), (S_, T_) * 2, 2) == (0, 0, 0, 0)
+    assert plan_switches((4, 1, 64), (S_, T_) * 2, 2) == 0
+
+
+# --- fp64 model equivalence -----------------------------------------------------------------------------------
+def _tiny(frames: int, n_layers: int, height: int = 6):
+    return load_config(None, ["model.kind=st_dit", f"model.frames={frames}", f"model.height={height}",
+                              f"model.width={height}", "model.channels=2", "model.patch=2", "model.dim=16",
+                              "model.n_heads=2", f"model.n_layers={n_layers}", "model.freq_dim=8"]).model
+
+
+def _model_and_batch(frames: int, n_layers: int, batch: int):
+    cfg = _tiny(frames, n_layers)
+    torch.manual_seed(0)
+    model = model_spec("st_dit").build(cfg).double()
+    g = torch.Generator().manual_seed(1)
+    shape = (batch, cfg.frames, cfg.channels, cfg.height, cfg.width)
+    noisy, velocity = torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
+    return model, noisy, torch.rand(batch, generator=g, dtype=torch.float64), velocity
+
+
+def _dsp_model(frames: int, n_layers: int, batch: int) -> dict:
+    import torch.distributed as dist
+
+    from meshweave.attention.dsp import DynamicSequenceParallel
+    from meshweave.core.comm import CommGroup, CommLedger
+    from meshweave.models.layout_api import layout_slots
+    from meshweave.models.st_dit.parts import velocity_mse_sum
+
+    model, noisy, t, velocity = _model_and_batch(frames, n_layers, batch)
+    ranks = list(range(dist.get_world_size()))
+    group = CommGroup("sp", dist.new_group(ranks), ranks, CommLedger())
+    for slot in layout_slots(model):
+        slot.op = DynamicSequenceParallel(group)
+    out = model(noisy, t)
+    loss = velocity_mse_sum(out, velocity)
+    loss.backward()
+    ledger = group.ledger.snapshot()  # forward + backward only
+    grads = {n: group.all_reduce(p.grad.clone()) for n, p in model.named_parameters()}
+    return {"tokens": out.tokens.detach(), "starts": out.starts, "loss": group.all_reduce(loss.detach().clone()),
+            "grads": grads, "ledger": ledger}
+
+
+def _expected_bytes(frames: int, n_layers: int, batch: int, world: int, dim: int = 16, tokens: int = 9) -> int:
+    """Every switch moves the activations with both dims padded, sharded on one: forward and backward alike."""
+    switches = plan_switches((batch, frames, tokens), (S_, T_) * n_layers, world)
+    padded = batch * chunk_length(frames, world) * chunk_length(tokens, world) * world * dim * 8
+    return 2 * switches * padded
+
+
+CASES = [  # (frames, n_layers, batch, world): S = 9 tokens per frame never divides by 2 or 4
+    (3, 1, 2, 2), (3, 1, 2, 4),  # one ST block (spatial + temporal), T = 3 not divisible
+    (4, 2, 2, 2), (5, 2, 1, 4),  # the whole model; T = 5 at P = 4 leaves one rank only padding on T
+    (1, 2, 3, 2),  # images: the batch (3, not divisible) is sharded
+    (3, 2, 2, 1),
+]
+
+
+@pytest.mark.parametrize("frames,n_layers,batch,world", CASES)
+def test_fp64_model_under_dsp_equals_one_process(frames, n_layers, batch, world):
+    from meshweave.models.st_dit.parts import velocity_mse_sum
+
+    model, noisy, t, velocity = _model_and_batch(frames, n_layers, batch)
+    out = model(noisy, t)
+    loss = velocity_mse_sum(out, velocity)
+    loss.backward()
+    results = run_distributed(_dsp_model, world, frames, n_layers, batch)
+    covered = torch.zeros(out.tokens.shape[:3], dtype=torch.int64)
+    for res in results:
+        (b0, t0, s0), part = res["starts"], res["tokens"]
+        b, f, s = part.shape[:3]
+        torch.testing.assert_close(part, out.tokens[b0:b0 + b, t0:t0 + f, s0:s0 + s], atol=1e-10, rtol=1e-10)
+        covered[b0:b0 + b, t0:t0 + f, s0:s0 + s] += 1
+        torch.testing.assert_close(res["loss"], loss.detach(), atol=1e-10, rtol=1e-10)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(res["grads"][name], p.grad, atol=1e-10, rtol=1e-10, msg=lambda m: f"{name}: {m}")
+        expected = _expected_bytes(frames, n_layers, batch, world)
+        calls = 2 * plan_switches((batch, frames, 9), (S_, T_) * n_layers, world) if world > 1 else 0
+        assert res["ledger"] == ({"sp/all_to_all": {"calls": calls, "bytes": expected}} if calls else {})
+    assert torch.equal(covered, torch.ones_like(covered))  # every output value on exactly one rank
+    if world > 1 and frames > 1:
+        assert results[0]["ledger"]["sp/all_to_all"]["calls"] == 2 * (2 * n_layers - 1)
+
+
+# --- the trainer ----------------------------------------------------------------------------------------------
+BASE = ["model.kind=st_dit", "model.frames=3", "model.height=8", "model.width=8", "model.channels=4", "model.patch=2",
+        "model.dim=32", "model.n_heads=2", "model.n_layers=2", "model.freq_dim=32", "train.global_batch=4",
+        "train.warmup_steps=1", "train.lr=1e-3", "logging.jsonl=false", "logging.every_steps=1000"]
+
+
+def train_st_dit(overrides: list[str], steps: int = 3) -> dict:
+    """As testing_equivalence.train_and_collect, on the st_dit base config."""
+    import tempfile
+
+    from meshweave.testing_equivalence import _full
+    from meshweave.train.build import build_trainer
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = load_config(None, BASE + [f"train.steps={steps + 1}", f"run_dir={run_dir}", *overrides])
+        trainer = build_trainer(cfg)
+        losses = [float(trainer.train_step().loss) for _ in range(steps)]
+        p = trainer.p
+        batch = p.dataset.batch(p.sampler.next_local_rows()).to(p.device)
+        p.runner.forward_backward(batch, trainer.global_target_count(batch))
+        grads = {n: _full(prm.grad) for part in p.model_parts for n, prm in part.named_parameters()}
+        p.mesh.close()
+        return {"losses": losses, "grads": grads}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return run_distributed(train_st_dit, 1, [])[0]
+
+
+def _assert_same_training(results: list[dict], reference: dict) -> None:
+    for res in results:
+        torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(reference["losses"]), rtol=2e-5, atol=1e-7)
+        assert set(res["grads"]) == set(reference["grads"])
+        for name, g in res["grads"].items():
+            torch.testing.assert_close(g, reference["grads"][name], rtol=2e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def test_trainer_sp2_dsp_equals_one_process(reference):
+    _assert_same_training(run_distributed(train_st_dit, 2, ["parallel.sp=2", "parallel.sp_method=dsp", "parallel.dp=1"]),
+                          reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    ["parallel.sp=4", "parallel.sp_method=dsp", "parallel.dp=1"],
+    ["parallel.sp=2", "parallel.dp=2", "parallel.sp_method=dsp", "parallel.dp_mode=fsdp"],
+    ["parallel.sp=2", "parallel.dp=2", "parallel.sp_method=dsp", "parallel.dp_mode=ddp"],
+    ["parallel.sp=2", "parallel.sp_method=dsp", "parallel.dp=1", "parallel.activation_checkpointing=true"],
+], ids=["sp4", "sp2-dp2-fsdp", "sp2-dp2-ddp", "sp2-ac"])
+def test_trainer_dsp_composed_equals_one_process(overrides, reference):
+    world = 2 if "parallel.dp=1" in overrides and "parallel.sp=2" in overrides else 4
+    _assert_same_training(run_distributed(train_st_dit, world, overrides), reference)
+
+
+# --- config errors and data -----------------------------------------------------------------------------------
+def test_dsp_and_st_dit_layout_errors_name_the_fix():
+    (problem,) = validate(load_config(None, ["parallel.sp=2", "parallel.sp_method=dsp"]), 2)
+    assert problem.startswith("parallel.sp_method: dsp") and "model.kind: st_dit" in problem
+    (problem,) = validate(load_config(None, ["model.kind=st_dit", "parallel.sp=2", "parallel.sp_method=ring"]), 2)
+    assert problem.startswith("parallel.sp_method: ring is not available for model kind st_dit") and "dsp" in problem
+    with pytest.raises(ConfigError, match=r"^parallel.tp: model kind st_dit"):
+        check(load_config(None, ["model.kind=st_dit", "parallel.tp=2"]), 2)
+    with pytest.raises(ConfigError, match=r"^model.patch: 3 must divide"):
+        check(load_config(None, ["model.kind=st_dit", "model.patch=3"]), 1)
+    # no head or divisibility constraint: 3 heads, 5 frames, sp 4
+    ok = ["model.kind=st_dit", "model.frames=5", "model.dim=96", "model.n_heads=3", "parallel.sp=4", "parallel.sp_method=dsp"]
+    assert validate(load_config(None, ok), 4) == []
+
+
+def test_builtin_videos_are_deterministic_per_row_and_npy_clips_load(tmp_path):
+    from meshweave.data.video import build_video_dataset
+
+    cfg = load_config(None, BASE)
+    data = build_video_dataset(cfg)
+    a, b = data.batch([5, 7]), data.batch([5, 7])
+    assert all(torch.equal(a.fields[n], b.fields[n]) for n in a)
+    assert a.noisy.shape == (2, 3, 4, 8, 8) and a.timesteps.shape == (2,)
+    assert not torch.equal(a.velocity[0], a.velocity[1])
+    clean = a.noisy - a.timesteps.view(-1, 1, 1, 1, 1) * a.velocity  # rectified flow: x_t - t * v = x_0
+    assert clean.min() >= -1 - 1e-5 and clean.max() <= 1 + 1e-5 and clean.std() > 0.1  # rendered shapes in [-1, 1]
+    for i in range(3):
+        np.save(tmp_path / f"clip{i}.npy", np.full((3, 4, 8, 8), float(i), dtype=np.float32))
+    cfg = load_config(None, BASE + ["data.source=path", f"data.path={tmp_path}"])
+    clips = build_video_dataset(cfg)
+    row = clips.batch([4])  # clip 4 mod 3 = 1
+    torch.testing.assert_close(row.noisy - row.timesteps.view(-1, 1, 1, 1, 1) * row.velocity, torch.ones_like(row.noisy))
