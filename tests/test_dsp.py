@@ -89,11 +89,15 @@ def _model_and_batch(frames: int, n_layers: int, batch: int):
     return model, noisy, torch.rand(batch, generator=g, dtype=torch.float64), velocity
 
 
-def _dsp_model(frames: int, n_layers: int, batch: int) -> dict:
+def _sp_model(frames: int, n_layers: int, batch: int, method: str = "dsp") -> dict:
+    """On every rank: the tiny model under `method` (dsp, or ulysses = the embedded baseline); its part of the
+    output, the loss and every gradient summed over the ranks, and the ledger of forward + backward."""
     import torch.distributed as dist
 
     from meshweave.attention.dsp import DynamicSequenceParallel
+    from meshweave.attention.embedded_sp import EmbeddedLayout, factorised_ulysses
     from meshweave.core.comm import CommGroup, CommLedger
+    from meshweave.models.attention_api import install_ops
     from meshweave.models.layout_api import layout_slots
     from meshweave.models.st_dit.parts import velocity_mse_sum
 
@@ -101,7 +105,9 @@ def _dsp_model(frames: int, n_layers: int, batch: int) -> dict:
     ranks = list(range(dist.get_world_size()))
     group = CommGroup("sp", dist.new_group(ranks), ranks, CommLedger())
     for slot in layout_slots(model):
-        slot.op = DynamicSequenceParallel(group)
+        slot.op = DynamicSequenceParallel(group) if method == "dsp" else EmbeddedLayout(group, dim=T_)
+    if method == "ulysses":
+        install_ops(model, {"spatial": factorised_ulysses(group), "temporal": factorised_ulysses(group)})
     out = model(noisy, t)
     loss = velocity_mse_sum(out, velocity)
     loss.backward()
@@ -134,7 +140,7 @@ def test_fp64_model_under_dsp_equals_one_process(frames, n_layers, batch, world)
     out = model(noisy, t)
     loss = velocity_mse_sum(out, velocity)
     loss.backward()
-    results = run_distributed(_dsp_model, world, frames, n_layers, batch)
+    results = run_distributed(_sp_model, world, frames, n_layers, batch)
     covered = torch.zeros(out.tokens.shape[:3], dtype=torch.int64)
     for res in results:
         (b0, t0, s0), part = res["starts"], res["tokens"]
@@ -150,6 +156,50 @@ def test_fp64_model_under_dsp_equals_one_process(frames, n_layers, batch, world)
     assert torch.equal(covered, torch.ones_like(covered))  # every output value on exactly one rank
     if world > 1 and frames > 1:
         assert results[0]["ledger"]["sp/all_to_all"]["calls"] == 2 * (2 * n_layers - 1)
+
+
+def _ulysses_bytes(frames: int, n_layers: int, batch: int, world: int, dim: int = 16, heads: int = 2,
+                   tokens: int = 9) -> int:
+    """Frames sharded throughout: each temporal block all-to-alls q, k, v and the output forward and their
+    gradients backward, each (B*S, cT, P*cH, D/H) with frames and heads padded."""
+    if world == 1 or frames == 1:
+        return 0
+    per = batch * tokens * chunk_length(frames, world) * world * chunk_length(heads, world) * (dim // heads) * 8
+    return n_layers * 8 * per
+
+
+@pytest.mark.parametrize("frames,n_layers,batch,world", [(3, 1, 2, 2), (4, 2, 2, 2), (5, 2, 1, 4), (1, 2, 3, 2)])
+def test_fp64_model_under_embedded_ulysses_equals_one_process(frames, n_layers, batch, world):
+    """The baseline: frames sharded throughout, Ulysses in the temporal attention (heads padded at P = 4)."""
+    from meshweave.models.st_dit.parts import velocity_mse_sum
+
+    model, noisy, t, velocity = _model_and_batch(frames, n_layers, batch)
+    out = model(noisy, t)
+    loss = velocity_mse_sum(out, velocity)
+    loss.backward()
+    for res in run_distributed(_sp_model, world, frames, n_layers, batch, "ulysses"):
+        (b0, t0, s0), part = res["starts"], res["tokens"]
+        torch.testing.assert_close(part, out.tokens[b0:b0 + part.shape[0], t0:t0 + part.shape[1], s0:s0 + part.shape[2]],
+                                   atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(res["loss"], loss.detach(), atol=1e-10, rtol=1e-10)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(res["grads"][name], p.grad, atol=1e-10, rtol=1e-10, msg=lambda m: f"{name}: {m}")
+        expected = _ulysses_bytes(frames, n_layers, batch, world)
+        assert res["ledger"] == ({"sp/all_to_all": {"calls": 8 * n_layers, "bytes": expected}} if expected else {})
+
+
+def test_dsp_moves_less_than_half_of_embedded_ulysses():
+    """Same model and sizes (T, S, heads divisible by P): DSP switches 2L-1 times each way, the baseline does 4
+    all-to-alls each way in each of its L temporal blocks, all of the activations' size: (4L-2)/(8L) < 1/2.
+    (The reference's 1/4 assumes Ulysses communicates in the spatial blocks too; sharded on the frames, they
+    are local.)"""
+    frames, n_layers, batch, world = 4, 2, 2, 2
+    dsp = run_distributed(_sp_model, world, frames, n_layers, batch, "dsp")[0]["ledger"]["sp/all_to_all"]["bytes"]
+    uly = run_distributed(_sp_model, world, frames, n_layers, batch, "ulysses")[0]["ledger"]["sp/all_to_all"]["bytes"]
+    assert (dsp, uly) == (_expected_bytes(frames, n_layers, batch, world), _ulysses_bytes(frames, n_layers, batch, world))
+    # S = 9 pads to 10 under DSP, so the ratio is (4L-2)/(8L) * 10/9 here
+    assert dsp / uly == pytest.approx((4 * n_layers - 2) / (8 * n_layers) * 10 / 9)
+    assert dsp / uly < 0.5
 
 
 # --- the trainer ----------------------------------------------------------------------------------------------
@@ -201,7 +251,8 @@ def test_trainer_sp2_dsp_equals_one_process(reference):
     ["parallel.sp=2", "parallel.dp=2", "parallel.sp_method=dsp", "parallel.dp_mode=fsdp"],
     ["parallel.sp=2", "parallel.dp=2", "parallel.sp_method=dsp", "parallel.dp_mode=ddp"],
     ["parallel.sp=2", "parallel.sp_method=dsp", "parallel.dp=1", "parallel.activation_checkpointing=true"],
-], ids=["sp4", "sp2-dp2-fsdp", "sp2-dp2-ddp", "sp2-ac"])
+    ["parallel.sp=2", "parallel.sp_method=ulysses", "parallel.dp=1"],
+], ids=["sp4", "sp2-dp2-fsdp", "sp2-dp2-ddp", "sp2-ac", "sp2-embedded-ulysses"])
 def test_trainer_dsp_composed_equals_one_process(overrides, reference):
     world = 2 if "parallel.dp=1" in overrides and "parallel.sp=2" in overrides else 4
     _assert_same_training(run_distributed(train_st_dit, world, overrides), reference)

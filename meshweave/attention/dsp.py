@@ -93,6 +93,12 @@ class DynamicSequenceParallel:
             return c
         return take_chunk(c, 0, self.group.size, self.group.rank)
 
+    def start(self, sizes: Sequence[int], attends: Sequence[int | None], i: int, dim: int) -> int:
+        """Where this rank's part of `dim` starts during block i (0 unless `dim` is the sharded one)."""
+        if self.group.size == 1 or self._plan(sizes, attends)[i] != dim:
+            return 0
+        return self.group.rank * chunk_length(int(sizes[dim]), self.group.size)
+
     def exit(self, x: torch.Tensor, sizes: Sequence[int], attends: Sequence[int | None]) -> tuple[torch.Tensor, tuple[int, ...]]:
         """This rank's real values (padding trimmed) and where they start in each dim (no communication)."""
         starts = [0] * len(sizes)

@@ -49,20 +49,20 @@ def render_clip(frames: int, height: int, width: int, colours: int, g: torch.Gen
         vel = (torch.rand(2, generator=g) - 0.5) * 0.3 * min(height, width)
         angle, spin = float(torch.rand((), generator=g)) * math.pi, float(torch.rand((), generator=g) - 0.5)
         colour = torch.rand(colours, generator=g) * 1.6 - 0.6
-        for f in range(frames):
-            cy, cx = pos + vel * f
-            dy = (ys - cy + height / 2) % height - height / 2  # wrap around the frame
-            dx = (xs - cx + width / 2) % width - width / 2
-            a = angle + spin * f
-            u, v = dx * math.cos(a) + dy * math.sin(a), -dx * math.sin(a) + dy * math.cos(a)
-            if kind == 0:
-                inside = (u * u + v * v).sqrt() - size / 2
-            elif kind == 1:
-                inside = torch.maximum(u.abs(), v.abs()) - size / 2
-            else:
-                inside = torch.maximum(u.abs() - size, v.abs() - size / 5)
-            mask = torch.sigmoid(-inside * 2.0)  # soft edges
-            video[f] = video[f] * (1 - mask) + colour[:, None, None] * mask
+        f = torch.arange(frames, dtype=torch.float32)[:, None, None]  # all frames at once: (F, 1, 1)
+        cy, cx = pos[0] + vel[0] * f, pos[1] + vel[1] * f
+        dy = (ys - cy + height / 2) % height - height / 2  # wrap around the frame
+        dx = (xs - cx + width / 2) % width - width / 2
+        a = angle + spin * f
+        u, v = dx * a.cos() + dy * a.sin(), -dx * a.sin() + dy * a.cos()
+        if kind == 0:
+            inside = (u * u + v * v).sqrt() - size / 2
+        elif kind == 1:
+            inside = torch.maximum(u.abs(), v.abs()) - size / 2
+        else:
+            inside = torch.maximum(u.abs() - size, v.abs() - size / 5)
+        mask = torch.sigmoid(-inside * 2.0)[:, None]  # soft edges, (F, 1, H, W)
+        video = video * (1 - mask) + colour[None, :, None, None] * mask
     return video
 
 

@@ -146,6 +146,10 @@ SLOT_KIND_ORDER = ("linear", "softmax")
 
 def slot_op_name(kind: str, method: str, kinds: frozenset[str]) -> str:
     """What a slot of `kind` runs under sp_method `method` in a model with slot kinds `kinds`."""
+    if method == "dsp":
+        return "local (DSP switches the sharded dim between blocks)"
+    if method == "ulysses" and kind not in ("softmax", "linear"):  # factorised layers: the embedded baseline
+        return "ulysses where the attended dim is sharded, else local"
     if kind == "linear":
         return "LASP-2"
     if kind == "softmax" and method == "allgather":

@@ -55,11 +55,14 @@ class AttentionMeta:
     causal: whether a token sees only earlier tokens (by position in the full sequence).
     cache: per-batch work an op computes once and every layer reuses (gathered document ids, mask
         plans); a new meta is made for each forward of a (micro)batch, so the cache never outlives it.
+    seq_len: the whole length of the attended sequence, for models whose layout may hand a slot a padded part
+        of it (factorised attention under embedded SP, attention/embedded_sp.py); None = not given.
     """
 
     document_ids: torch.Tensor | None = None
     causal: bool = True
     cache: BatchCache = field(default_factory=BatchCache, repr=False, compare=False)
+    seq_len: int | None = None  # whole length of the attended sequence, where q/k/v may hold a part of it
 
 
 class AttentionOp(Protocol):

@@ -7,13 +7,15 @@ one `LayoutSlot`, built with the dim each block attends over, and calls it at th
     x = layout.enter(x)                   # full activations -> this rank's part, laid out for block 0
     x = layout.before_block(x, sizes, i)  # laid out for block i-1 -> laid out for block i
     c = layout.samples(c, sizes, i)       # per-sample values (B, ...) for block i (its part of B, if B is sharded)
+    start = layout.start(sizes, i, dim)   # where this rank's part of `dim` starts during block i (positions)
     part, starts = layout.exit(x, sizes)  # this rank's real (unpadded) part and where it starts in each dim
 
 `sizes` are the full sizes of the activation dims (known to the model from its input). The slot's op starts
 as the single-process identity; dynamic sequence parallelism (attention/dsp.py) replaces it with one that
 shards a dim the next block does not attend over and switches dims with one all-to-all when a block needs
-it. Blocks run on whatever part they get: the dim they attend over is always whole. Models never import
-attention/ or parallel/.
+it, so the dim a block attends over is whole; an embedded method (Ulysses on one fixed sharded dim) leaves
+it sharded and communicates inside the attention slot instead, and the block reads `start` to encode the
+global positions of its part. Models never import attention/ or parallel/.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class LayoutOp(Protocol):
 
     def samples(self, c: torch.Tensor, sizes: Sequence[int], attends: Sequence[int], i: int) -> torch.Tensor: ...
 
+    def start(self, sizes: Sequence[int], attends: Sequence[int], i: int, dim: int) -> int: ...
+
     def exit(self, x: torch.Tensor, sizes: Sequence[int], attends: Sequence[int]) -> tuple[torch.Tensor, tuple[int, ...]]: ...
 
 
@@ -46,6 +50,9 @@ class LocalLayout:
 
     def samples(self, c: torch.Tensor, sizes: Sequence[int], attends: Sequence[int], i: int) -> torch.Tensor:
         return c
+
+    def start(self, sizes: Sequence[int], attends: Sequence[int], i: int, dim: int) -> int:
+        return 0
 
     def exit(self, x: torch.Tensor, sizes: Sequence[int], attends: Sequence[int]) -> tuple[torch.Tensor, tuple[int, ...]]:
         return x, (0,) * len(sizes)
@@ -67,6 +74,9 @@ class LayoutSlot(nn.Module):
 
     def samples(self, c: torch.Tensor, sizes: Sequence[int], i: int) -> torch.Tensor:
         return self.op.samples(c, sizes, self.attends, i)
+
+    def start(self, sizes: Sequence[int], i: int, dim: int) -> int:
+        return self.op.start(sizes, self.attends, i, dim)
 
     def exit(self, x: torch.Tensor, sizes: Sequence[int]) -> tuple[torch.Tensor, tuple[int, ...]]:
         return self.op.exit(x, sizes, self.attends)

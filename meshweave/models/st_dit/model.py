@@ -6,7 +6,8 @@ adaLN timestep conditioning and an MLP -> adaLN final layer -> predicted velocit
 
 Layout conventions that the parallel layers rely on:
 - every block attends over exactly one activation dim (`layout.attends`), with its own sinusoidal position
-  encoding over that dim, so it runs unchanged on any part of the activations in which that dim is whole;
+  encoding over that dim, so it runs unchanged on any part of the activations in which that dim is whole
+  (and, given where its part starts, on a part of that dim whose attention slot communicates);
 - `layout` (a LayoutSlot) is where the activations are sharded and resharded between blocks (DSP);
 - `layers` is a ModuleDict "0".."2L-1" (spatial, temporal, spatial, ...); attention runs in AttentionSlots of
   kinds "spatial" and "temporal" (non-causal);
@@ -79,6 +80,7 @@ class FactorisedAttention(nn.Module):
     def __init__(self, cfg: STDiTConfig, attends: int) -> None:
         super().__init__()
         self.attends, self.n_heads = attends, cfg.n_heads
+        self.seq_len = cfg.tokens_per_frame if attends == SPATIAL else cfg.frames  # whole length of the attended dim
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
         self.proj = nn.Linear(cfg.dim, cfg.dim)
         self.mixer = AttentionSlot("spatial" if attends == SPATIAL else "temporal")
@@ -87,7 +89,7 @@ class FactorisedAttention(nn.Module):
         seq = x.movedim(self.attends, -2)  # (B, other, N, D)
         lead, (n, d) = seq.shape[:-2], seq.shape[-2:]
         q, k, v = self.qkv(seq.reshape(-1, n, d)).view(-1, n, 3, self.n_heads, d // self.n_heads).unbind(2)
-        out = self.mixer(q, k, v, AttentionMeta(causal=False)).reshape(*lead, n, d)
+        out = self.mixer(q, k, v, AttentionMeta(causal=False, seq_len=self.seq_len)).reshape(*lead, n, d)
         return self.proj(out).movedim(-2, self.attends)
 
 
@@ -112,20 +114,23 @@ class STBlock(nn.Module):
         self.mlp = MLP(cfg)
         self.ada = nn.Linear(cfg.dim, 6 * cfg.dim)
 
-    def positions(self, x: torch.Tensor) -> torch.Tensor:
-        """Position encoding over the attended dim, broadcastable to x."""
-        d, device = self.cfg.dim, x.device
+    def positions(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Position encoding over the attended dim for x's part of it (from global position `start`), broadcastable
+        to x. Padding past the end of the dim gets positions past the end (its values are never used)."""
+        d, device, n = self.cfg.dim, x.device, x.shape[self.attends]
         if self.attends == SPATIAL:
             h, w = self.cfg.height // self.cfg.patch, self.cfg.width // self.cfg.patch
-            pos = spatial_positions(h, w, d, device)[None, None]  # (1, 1, S, D)
+            pos = spatial_positions(h, w, d, device)
+            pos = F.pad(pos, (0, 0, 0, max(0, start + n - h * w)))[start:start + n][None, None]  # (1, 1, S, D)
         else:
-            pos = sincos(torch.arange(x.shape[1], device=device), d)[None, :, None]  # (1, T, 1, D)
+            pos = sincos(torch.arange(start, start + n, device=device), d)[None, :, None]  # (1, T, 1, D)
         return pos.to(x.dtype)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """x (B, T, S, D): a part of the activations; `start`: where its part of the attended dim begins."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(c)).chunk(6, dim=-1)
         view = (x.shape[0], 1, 1, x.shape[-1])
-        h = modulate(self.norm1(x), shift1, scale1) + self.positions(x)
+        h = modulate(self.norm1(x), shift1, scale1) + self.positions(x, start)
         x = x + gate1.view(view) * self.attn(h)
         return x + gate2.view(view) * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
@@ -139,7 +144,8 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.ada(F.silu(c)).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        # A copy, not nn.Linear's view of its 2-D result: FSDP2 warns on (and in-place ops would break) view outputs.
+        return self.linear(modulate(self.norm(x), shift, scale)).clone()
 
 
 class STDiT(nn.Module):
@@ -170,7 +176,8 @@ class STDiT(nn.Module):
         c = self.t_embed(timesteps)
         x = self.layout.enter(x)
         for i, block in enumerate(self.layers.values()):
-            x = block(self.layout.before_block(x, sizes, i), self.layout.samples(c, sizes, i))
+            x = self.layout.before_block(x, sizes, i)
+            x = block(x, self.layout.samples(c, sizes, i), self.layout.start(sizes, i, block.attends))
         x, starts = self.layout.exit(x, sizes)
         c = c.narrow(0, starts[0], x.shape[0])  # the batch dim may be sharded (images)
         return VideoPrediction(self.final(x, c), starts)

@@ -1,0 +1,66 @@
+"""Embedded sequence parallelism on a factorised (spatial/temporal) model: the baseline DSP is measured against.
+
+As a one-dimensional SP method does, the activations (B, T, S, C) stay sharded on one fixed dim for the whole
+model (dim 1, the frames, as Open-Sora's sequence parallelism before DSP did, and as sharding the T-major
+flattened sequence does when T divides by P): blocks attending over another dim run
+locally, and the attention of blocks attending over the sharded dim communicates inside, Ulysses-style: q, k, v
+go from sequence-sharded to head-sharded with one all-to-all each (dsp_comm.reshard: the sequence dim gathered
+and trimmed, the heads scattered and zero-padded when they do not divide by P), attention runs on whole
+sequences of H/P heads, and one all-to-all brings the output back. Per such block: 4 all-to-alls of the
+activations' size forward and 4 backward, against DSP's one per switch each way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from meshweave.attention.dsp_comm import chunk_length, reshard, take_chunk
+from meshweave.core.comm import CommGroup
+from meshweave.models.attention_api import AttentionMeta, AttentionOp, local_attention
+
+SEQ, HEADS = 1, 2  # dims of q/k/v (B', N, H, D)
+
+
+class EmbeddedLayout:
+    """The LayoutOp that shards dim `dim` of the activations at entry and keeps it sharded (no switches)."""
+
+    def __init__(self, group: CommGroup, dim: int) -> None:
+        self.group, self.dim = group, dim
+
+    def enter(self, x: torch.Tensor, attends: Sequence[int | None]) -> torch.Tensor:
+        return take_chunk(x, self.dim, self.group.size, self.group.rank) if self.group.size > 1 else x
+
+    def before_block(self, x: torch.Tensor, sizes: Sequence[int], attends: Sequence[int | None], i: int) -> torch.Tensor:
+        return x
+
+    def samples(self, c: torch.Tensor, sizes: Sequence[int], attends: Sequence[int | None], i: int) -> torch.Tensor:
+        return c
+
+    def start(self, sizes: Sequence[int], attends: Sequence[int | None], i: int, dim: int) -> int:
+        return self.group.rank * chunk_length(int(sizes[dim]), self.group.size) if dim == self.dim else 0
+
+    def exit(self, x: torch.Tensor, sizes: Sequence[int], attends: Sequence[int | None]) -> tuple[torch.Tensor, tuple[int, ...]]:
+        starts = [0] * len(sizes)
+        if self.group.size == 1:
+            return x, tuple(starts)
+        c = chunk_length(int(sizes[self.dim]), self.group.size)
+        starts[self.dim] = min(self.group.rank * c, int(sizes[self.dim]))
+        return x.narrow(self.dim, 0, max(0, min(c, int(sizes[self.dim]) - starts[self.dim]))), tuple(starts)
+
+
+def factorised_ulysses(group: CommGroup) -> AttentionOp:
+    """Attention for the slots of a factorised model under the embedded layout. When q/k/v hold a part of the
+    sequence (q.shape[1] < meta.seq_len, the whole length): all-to-all to whole sequences of a slice of the heads,
+    local attention, all-to-all back (4 all-to-alls forward, 4 backward); when they hold all of it, local."""
+
+    def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+        n = meta.seq_len if meta.seq_len is not None else q.shape[SEQ]
+        if group.size == 1 or q.shape[SEQ] >= n:
+            return local_attention(q, k, v, meta)
+        heads = q.shape[HEADS]
+        q, k, v = (reshard(t, group, HEADS, SEQ, heads, n) for t in (q, k, v))
+        return reshard(local_attention(q, k, v, meta), group, SEQ, HEADS, n, heads)
+
+    return op
