@@ -202,6 +202,7 @@ def _probe(cases: list[Case], j: int) -> list[tuple[int, torch.Tensor, torch.Ten
     return results
 
 
+@pytest.mark.slow  # long sequences at several P (the fp64 equivalence tests cover causality at small N)
 def test_token_causality_probe_and_determinism():
     """Perturbing token j changes no output before j, and does change the output at j; a repeated
     call on the same inputs gives bit-identical outputs (fixed merge order)."""
@@ -241,6 +242,7 @@ def test_repeated_calls_do_not_hang_or_leak():
         assert res["fds"][0] == res["fds"][1], res
 
 
+@pytest.mark.slow  # P up to 8
 def test_bf16_error_does_not_grow_with_p():
     """Same 64-token problem on P = 2, 4, 8: the bf16 error against fp64 must not grow with P (partials
     are computed and merged in fp32, so it should stay at the final-rounding level). The bound P/2 x

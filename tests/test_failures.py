@@ -134,7 +134,7 @@ def corpora(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("name,args,status,expected", [
+START_UP_CASES = [
     ("empty dir", ["data.source=path", "data.path={root}/empty"], 3, "data error: data.path: '{root}/empty' holds no text"),
     ("all binary", ["data.source=path", "data.path={root}/binary"], 3, "are all binary (they hold NUL bytes)"),
     ("corpus too small", ["data.source=path", "data.path={root}/small"], 3,
@@ -148,7 +148,13 @@ def corpora(tmp_path_factory):
     ("data budget too large for memory", ["data.source=synthetic", "data.max_bytes=1000000000000000"], 2,
      "GiB data"),
     ("non-finite learning rate", ["train.lr=.nan"], 2, "config error: train.lr: nan is not a finite number"),
-])
+]
+# The fast subset keeps one case of each kind (data, filesystem, memory, value); the rest run in the full suite.
+FAST_START_UP = {"empty dir", "run dir under a file", "model too large for memory", "non-finite learning rate"}
+
+
+@pytest.mark.parametrize("name,args,status,expected", [
+    case if case[0] in FAST_START_UP else pytest.param(*case, marks=pytest.mark.slow) for case in START_UP_CASES])
 def test_start_up_problem_is_one_line_before_any_worker(tmp_path, corpora, name, args, status, expected):
     run_dir = tmp_path / "run"
     sets = [x for a in args for x in ("--set", a.format(root=corpora))]
@@ -167,6 +173,7 @@ def checkpoint_dir(tmp_path_factory):
     return root / "ck"
 
 
+@pytest.mark.slow  # trains a checkpoint first
 @pytest.mark.parametrize("change,expected", [
     (["model.dim=64", "model.ffn_hidden=64"], "'tok_embeddings.weight' has shape [320, 32] there but [320, 64]"),
     (["model.n_layers=2"], "tensor(s) of this model are not in it, e.g. 'layers.1."),
@@ -182,8 +189,10 @@ def test_resuming_a_checkpoint_of_another_model_is_refused_at_start_up(tmp_path,
 
 # --- a worker fails ------------------------------------------------------------------------
 @pytest.mark.parametrize("drill,status,expected", [
-    ("build:rank=1", 1, "meshweave: rank 1 failed in build: InjectedFailure: injected build failure"),
-    ("data:rank=0", 3, "meshweave: rank 0 failed in data: data.path: injected data failure"),
+    pytest.param("build:rank=1", 1, "meshweave: rank 1 failed in build: InjectedFailure: injected build failure",
+                 marks=pytest.mark.slow),
+    pytest.param("data:rank=0", 3, "meshweave: rank 0 failed in data: data.path: injected data failure",
+                 marks=pytest.mark.slow),
     ("step:rank=1:step=2", 1, "meshweave: rank 1 failed in train step 2: InjectedFailure"),
 ])
 def test_failing_worker_is_one_line_with_its_log(tmp_path, drill, status, expected):

@@ -138,10 +138,14 @@ LAYOUTS = {
     "sp2-dp2-allgather": ["parallel.sp=2", "parallel.dp=2", "parallel.sp_method=allgather"],
 }
 # (kind, layout): both kinds on both sp layouts; each composition at least once, on 4 ranks (5-40 s each on 2
-# shared cores: the compositions beyond one per kind are marked slow). All of them pass for both kinds.
+# shared cores: the fast subset keeps one layout per kind and LASP-2H). All of them pass for both kinds.
 CASES = [
-    ("linear_llama", "sp2-ring"), ("hybrid", "sp2-ring"), ("linear_llama", "sp2-ulysses"), ("hybrid", "sp2-ulysses"),
-    ("hybrid", "sp2-ring-ac"), ("hybrid", "sp2-tp2"), ("linear_llama", "sp2-pp2"), ("hybrid", "sp2-allgather"),
+    ("linear_llama", "sp2-ring"), ("hybrid", "sp2-ring"), ("hybrid", "sp2-allgather"),
+    pytest.param("linear_llama", "sp2-ulysses", marks=pytest.mark.slow),
+    pytest.param("hybrid", "sp2-ulysses", marks=pytest.mark.slow),
+    pytest.param("hybrid", "sp2-ring-ac", marks=pytest.mark.slow),
+    pytest.param("hybrid", "sp2-tp2", marks=pytest.mark.slow),
+    pytest.param("linear_llama", "sp2-pp2", marks=pytest.mark.slow),
     pytest.param("linear_llama", "sp2-dp2", marks=pytest.mark.slow),
     pytest.param("linear_llama", "sp2-tp2", marks=pytest.mark.slow),
     pytest.param("hybrid", "sp2-pp2", marks=pytest.mark.slow),
