@@ -65,7 +65,8 @@ def single_process_losses():
     return train_losses("local")
 
 
-@pytest.mark.parametrize("method,ulysses", [pytest.param("ulysses", None, marks=pytest.mark.slow), ("ring", None),
+@pytest.mark.parametrize("method,ulysses", [pytest.param("ulysses", None, marks=pytest.mark.slow),
+                                            pytest.param("ring", None, marks=pytest.mark.slow),
                                             pytest.param("tokenring", None, marks=pytest.mark.slow),
                                             pytest.param("usp", 1, marks=pytest.mark.slow), ("usp", 2)])
 def test_sp2_training_matches_single_process(single_process_losses, method, ulysses):

@@ -236,6 +236,7 @@ def _repeat_calls(n_calls: int) -> dict:
     return dict(threads=[t for t, _ in probes], fds=[f for _, f in probes])
 
 
+@pytest.mark.slow  # many calls in a row
 def test_repeated_calls_do_not_hang_or_leak():
     for res in run_distributed(_repeat_calls, 2, 200, timeout=240):
         assert res["threads"][0] == res["threads"][1], res

@@ -154,6 +154,7 @@ def test_crafted_pickle_metadata_runs_nothing_and_falls_back(saved, tmp_path, pr
     assert not sentinel.exists()
 
 
+@pytest.mark.slow  # a fresh interpreter (the in-process checks above stay in the fast subset)
 def test_meshweave_ckpt_verify_reports_crafted_checkpoint_in_a_fresh_process(saved, tmp_path):
     d, _ = saved
     sentinel = tmp_path / "SENTINEL"

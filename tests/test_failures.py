@@ -193,7 +193,8 @@ def test_resuming_a_checkpoint_of_another_model_is_refused_at_start_up(tmp_path,
                  marks=pytest.mark.slow),
     pytest.param("data:rank=0", 3, "meshweave: rank 0 failed in data: data.path: injected data failure",
                  marks=pytest.mark.slow),
-    ("step:rank=1:step=2", 1, "meshweave: rank 1 failed in train step 2: InjectedFailure"),
+    pytest.param("step:rank=1:step=2", 1, "meshweave: rank 1 failed in train step 2: InjectedFailure",
+                 marks=pytest.mark.slow),
 ])
 def test_failing_worker_is_one_line_with_its_log(tmp_path, drill, status, expected):
     run_dir = tmp_path / "run"
