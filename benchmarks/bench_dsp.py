@@ -8,7 +8,7 @@ methods interleaved so all see the same background load) of:
 - ulysses: the embedded baseline, frames sharded throughout and Ulysses inside the temporal attention
   (attention/embedded_sp.py);
 - one process: the whole batch in one process with P threads (the same total cores as P processes x 1 thread),
-  timed alone (not while the SP ranks wait, which would share its cores).
+  timed alone (not while the SP ranks wait, which would share its cores), and with one thread.
 It reports step time, efficiency against one process (T_1 / T_P), all-to-all payload bytes per rank per step from
 the CommLedger next to the analytic formula, the DSP / Ulysses byte ratio, and peak memory where it can be
 measured (CUDA: max_memory_allocated; on CPU "n/a", since per-method peaks are not separable in one process).
@@ -156,13 +156,16 @@ def write_report(rows: list[dict], stem: str) -> None:
     lines = ["# DSP vs embedded Ulysses on st_dit (CPU, gloo)", "",
              "fwd+bwd of the whole model, median over repetitions, slowest rank. Efficiency = one process on the same "
              "total cores / P processes. Bytes: all-to-all payload per rank per step (ledger), formula in brackets.",
-             "", "| P | frames x latent | tokens | dsp s | ulysses s | one process s | dsp eff. | ulysses eff. | "
-             "dsp bytes | ulysses bytes | dsp / ulysses bytes |", "|" + "---|" * 11]
+             "Speedup = one process with one thread / P processes (an upper bound of P).",
+             "", "| P | frames x latent | tokens | dsp s | ulysses s | one process s | one thread s | dsp eff. | "
+             "ulysses eff. | dsp speedup | ulysses speedup | dsp bytes | ulysses bytes | dsp / ulysses bytes |",
+             "|" + "---|" * 14]
     for r in rows:
         eff = lambda m: r["one process s"] / r[f"{m} s"] if r["one process s"] else float("nan")
         ratio = r["dsp bytes"] / r["ulysses bytes"] if r["ulysses bytes"] else float("nan")
         lines.append(f"| {r['P']} | {r['frames']} x {r['size']}² | {r['tokens']} | {r['dsp s']:.3f} | "
-                     f"{r['ulysses s']:.3f} | {r['one process s']:.3f} | {eff('dsp'):.2f} | {eff('ulysses'):.2f} | "
+                     f"{r['ulysses s']:.3f} | {r['one process s']:.3f} | {r['one thread s']:.3f} | {eff('dsp'):.2f} | "
+                     f"{eff('ulysses'):.2f} | {r['one thread s'] / r['dsp s']:.2f} | {r['one thread s'] / r['ulysses s']:.2f} | "
                      f"{r['dsp bytes']:,} ({r['dsp formula']:,}) | {r['ulysses bytes']:,} ({r['ulysses formula']:,}) | "
                      f"{ratio:.3f} |")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -210,7 +213,8 @@ def main() -> None:
         for p in degrees:
             got = run_distributed(bench_task, p, sizes, args.batch, args.reps, timeout=3600)[0]
             single = run_distributed(one_process_task, 1, sizes, args.batch, args.reps, p, timeout=3600)[0]
-            rows += [{**row, "one process s": t} for row, t in zip(got, single)]
+            serial = run_distributed(one_process_task, 1, sizes, args.batch, args.reps, 1, timeout=3600)[0]
+            rows += [{**row, "one process s": t, "one thread s": t1} for row, t, t1 in zip(got, single, serial)]
     finally:
         close_all_pools()
     write_report(rows, "dsp_quick" if args.quick else "dsp")
