@@ -169,11 +169,14 @@ def render_plan(cfg: Config, dims: ParallelDims, picked: list[str] | None = None
     spec = model_spec(m.kind)
     lines = [f"mesh (pp, dp, sp, tp) = {dims.shape()} over {dims.world_size:,} ranks; "
              f"data parallel: {p.dp_mode} over dp*sp = {dims.dp * dims.sp:,} ranks"]
+    per_sample = spec.tokens_per_sample(m) if spec.tokens_per_sample is not None else t.seq_len
+    context = f"seq_len {t.seq_len}, causal" if spec.tokens_per_sample is None else f"{per_sample:,} tokens per sample"
     lines.append(f"model: {m.kind}, {spec.parameter_count(m):,} parameters, "
-                 f"{spec.flops_per_token(m, t.seq_len):,.0f} training FLOPs/token (seq_len {t.seq_len}, causal)")
+                 f"{spec.flops_per_token(m, t.seq_len):,.0f} training FLOPs/token ({context})")
     if dims.sp > 1:
         extra = f" (ulysses {p.usp.ulysses} x ring {p.usp.ring})" if p.sp_method == "usp" else ""
-        lines.append(f"sequence parallel: {p.sp_method}{extra}, {t.seq_len // dims.sp} tokens per rank; "
+        share = f"{t.seq_len // dims.sp}" if spec.tokens_per_sample is None else f"~{-(-per_sample // dims.sp):,}"
+        lines.append(f"sequence parallel: {p.sp_method}{extra}, {share} tokens per rank; "
                      f"{slot_ops_text(slot_kinds(spec, m), p.sp_method)}")
     splits = stage_splits(cfg, dims.pp)
     if dims.pp > 1:

@@ -89,6 +89,8 @@ class ModelSpec:
     factorised_dims: Callable[[Any], list[int]] | None = None
     # The model's own data set (config -> object with __len__ and batch(rows) -> Batch); None = packed text.
     build_dataset: Callable[[Any], Any] | None = None
+    # Tokens per sample (what flops_per_token counts per) when not train.seq_len, e.g. a video's frames x patches.
+    tokens_per_sample: Callable[[Any], int] | None = None
 
 
 def slot_kinds(spec: ModelSpec, cfg: Any) -> frozenset[str]:

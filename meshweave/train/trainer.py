@@ -111,7 +111,8 @@ class Trainer:
         if p.checkpointer is not None:
             p.checkpointer.after_optimizer_step(self.step, p.app_state, final_step=self.step == p.cfg.train.steps)
         maybe_inject_fault(self.step, p.metrics.rank)
-        tokens = p.cfg.train.global_batch * p.cfg.train.seq_len
+        per_sample = p.spec.tokens_per_sample(p.cfg.model) if p.spec.tokens_per_sample else p.cfg.train.seq_len
+        tokens = p.cfg.train.global_batch * per_sample
         return StepMetrics(self.step, loss, grad_norm, lr, tokens, time.perf_counter() - start)
 
     def global_target_count(self, batch: Batch) -> torch.Tensor:

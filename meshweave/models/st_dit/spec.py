@@ -85,4 +85,5 @@ SPEC = ModelSpec(
     validate=validate,
     factorised_dims=block_attends,
     build_dataset=build_dataset,
+    tokens_per_sample=lambda cfg: cfg.frames * cfg.tokens_per_frame,
 )
