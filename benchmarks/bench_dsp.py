@@ -7,10 +7,11 @@ methods interleaved so all see the same background load) of:
   all-to-all per switch (attention/dsp.py);
 - ulysses: the embedded baseline, frames sharded throughout and Ulysses inside the temporal attention
   (attention/embedded_sp.py);
+- ring: the same layout with ring attention (K/V passed around) inside the temporal attention;
 - one process: the whole batch in one process with P threads (the same total cores as P processes x 1 thread),
   timed alone (not while the SP ranks wait, which would share its cores), and with one thread.
-It reports step time, efficiency against one process (T_1 / T_P), all-to-all payload bytes per rank per step from
-the CommLedger next to the analytic formula, the DSP / Ulysses byte ratio, and peak memory where it can be
+It reports step time, efficiency against one process (T_1 / T_P), payload bytes per rank per step from the
+CommLedger (all-to-all; for ring, bytes sent) next to the analytic formula, the DSP / Ulysses byte ratio, and peak memory where it can be
 measured (CUDA: max_memory_allocated; on CPU "n/a", since per-method peaks are not separable in one process).
 
 On this machine the P processes share 2 cores, so efficiency is bounded by about 2/P; the honest figures are the
@@ -41,17 +42,17 @@ if str(REPO) not in sys.path:
 
 from meshweave.attention.dsp import DynamicSequenceParallel, plan_switches  # noqa: E402
 from meshweave.attention.dsp_comm import chunk_length  # noqa: E402
-from meshweave.attention.embedded_sp import EmbeddedLayout, factorised_ulysses  # noqa: E402
+from meshweave.attention.embedded_sp import EmbeddedLayout, factorised_ring, factorised_ulysses  # noqa: E402
 from meshweave.core.comm import CommGroup, CommLedger  # noqa: E402
 from meshweave.models.attention_api import install_ops, local_attention  # noqa: E402
-from meshweave.models.layout_api import LocalLayout, layout_slots  # noqa: E402
+from meshweave.models.layout_api import layout_slots  # noqa: E402
 from meshweave.models.registry import model_spec  # noqa: E402
 from meshweave.models.st_dit.parts import velocity_mse_sum  # noqa: E402
 from meshweave.testing import close_all_pools, run_distributed  # noqa: E402
 from meshweave.train.config import load_config  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-METHODS = ("dsp", "ulysses")
+METHODS = ("dsp", "ulysses", "ring")
 MODEL = ["model.kind=st_dit", "model.channels=4", "model.patch=2", "model.dim=128", "model.n_heads=4",
          "model.n_layers=2"]
 
@@ -62,9 +63,8 @@ def _config(frames: int, size: int):
 
 def _install(model, method: str, group: CommGroup) -> None:
     for slot in layout_slots(model):
-        slot.op = {"dsp": lambda: DynamicSequenceParallel(group), "ulysses": lambda: EmbeddedLayout(group, 1),
-                   "one process": LocalLayout}[method]()
-    op = factorised_ulysses(group) if method == "ulysses" else local_attention
+        slot.op = DynamicSequenceParallel(group) if method == "dsp" else EmbeddedLayout(group, 1)
+    op = {"ulysses": factorised_ulysses, "ring": factorised_ring}.get(method, lambda g: local_attention)(group)
     install_ops(model, {"spatial": op, "temporal": op})
 
 
@@ -105,7 +105,7 @@ def bench_task(sizes: list[tuple[int, int]], batch: int, reps: int) -> list[dict
             for m in METHODS:
                 group.ledger.reset()
                 took = _timed(lambda: _step(models[m], data), group)
-                traffic[m] = group.ledger.bytes(op="all_to_all")
+                traffic[m] = group.ledger.bytes(op="send" if m == "ring" else "all_to_all")
                 if rep:
                     times[m].append(took)
             dist.barrier(group.pg)
@@ -147,6 +147,8 @@ def expected_bytes(method: str, cfg, batch: int, p: int) -> int:
         return 2 * switches * batch * chunk_length(t, p) * chunk_length(s, p) * p * d * 4
     if t == 1:
         return 0
+    if method == "ring":  # K and V stacked, P-1 shifts each way per temporal block (bytes sent)
+        return cfg.n_layers * 4 * (p - 1) * batch * s * chunk_length(t, p) * d * 4
     return cfg.n_layers * 8 * batch * s * chunk_length(t, p) * p * chunk_length(h, p) * (d // h) * 4
 
 
@@ -156,18 +158,17 @@ def write_report(rows: list[dict], stem: str) -> None:
     lines = ["# DSP vs embedded Ulysses on st_dit (CPU, gloo)", "",
              "fwd+bwd of the whole model, median over repetitions, slowest rank. Efficiency = one process on the same "
              "total cores / P processes. Bytes: all-to-all payload per rank per step (ledger), formula in brackets.",
-             "Speedup = one process with one thread / P processes (an upper bound of P).",
-             "", "| P | frames x latent | tokens | dsp s | ulysses s | one process s | one thread s | dsp eff. | "
-             "ulysses eff. | dsp speedup | ulysses speedup | dsp bytes | ulysses bytes | dsp / ulysses bytes |",
-             "|" + "---|" * 14]
+             "", "| P | frames x latent | tokens | dsp s | ulysses s | ring s | one process s | one thread s | dsp eff. | "
+             "ulysses eff. | ring eff. | dsp bytes | ulysses bytes | ring bytes | dsp / ulysses | dsp / ring |",
+             "|" + "---|" * 16]
     for r in rows:
         eff = lambda m: r["one process s"] / r[f"{m} s"] if r["one process s"] else float("nan")
-        ratio = r["dsp bytes"] / r["ulysses bytes"] if r["ulysses bytes"] else float("nan")
+        ratio = lambda m: r["dsp bytes"] / r[f"{m} bytes"] if r[f"{m} bytes"] else float("nan")
         lines.append(f"| {r['P']} | {r['frames']} x {r['size']}² | {r['tokens']} | {r['dsp s']:.3f} | "
-                     f"{r['ulysses s']:.3f} | {r['one process s']:.3f} | {r['one thread s']:.3f} | {eff('dsp'):.2f} | "
-                     f"{eff('ulysses'):.2f} | {r['one thread s'] / r['dsp s']:.2f} | {r['one thread s'] / r['ulysses s']:.2f} | "
-                     f"{r['dsp bytes']:,} ({r['dsp formula']:,}) | {r['ulysses bytes']:,} ({r['ulysses formula']:,}) | "
-                     f"{ratio:.3f} |")
+                     f"{r['ulysses s']:.3f} | {r['ring s']:.3f} | {r['one process s']:.3f} | {r['one thread s']:.3f} | "
+                     f"{eff('dsp'):.2f} | {eff('ulysses'):.2f} | {eff('ring'):.2f} | "
+                     + " | ".join(f"{r[f'{m} bytes']:,} ({r[f'{m} formula']:,})" for m in METHODS)
+                     + f" | {ratio('ulysses'):.3f} | {ratio('ring'):.3f} |")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines += ["", "Peak memory: n/a on CPU (run on CUDA for max_memory_allocated).",
               f"Machine: {os.cpu_count()} cores, load average {load:.1f} when written. On a loaded machine one process with "
@@ -189,10 +190,10 @@ def _plot(rows: list[dict], stem: str) -> None:
     labels = [f"P{r['P']} {r['frames']}x{r['size']}" for r in rows]
     x = range(len(rows))
     for i, m in enumerate((*METHODS, "one process")):
-        axes[0].bar([v + 0.27 * (i - 1) for v in x], [r[f"{m} s"] for r in rows], width=0.27, label=m)
+        axes[0].bar([v + 0.2 * (i - 1.5) for v in x], [r[f"{m} s"] for r in rows], width=0.2, label=m)
         if m in METHODS:
-            axes[1].bar([v + 0.4 * (i - 0.5) for v in x], [r[f"{m} bytes"] / 2**20 for r in rows], width=0.4, label=m)
-    for ax, title in zip(axes, ("fwd+bwd time (s)", "all-to-all MiB per rank per step")):
+            axes[1].bar([v + 0.27 * (i - 1) for v in x], [r[f"{m} bytes"] / 2**20 for r in rows], width=0.27, label=m)
+    for ax, title in zip(axes, ("fwd+bwd time (s)", "MiB sent per rank per step")):
         ax.set_xticks(list(x), labels, rotation=30)
         ax.set_title(title)
         ax.legend()

@@ -90,12 +90,12 @@ def _model_and_batch(frames: int, n_layers: int, batch: int):
 
 
 def _sp_model(frames: int, n_layers: int, batch: int, method: str = "dsp") -> dict:
-    """On every rank: the tiny model under `method` (dsp, or ulysses = the embedded baseline); its part of the
+    """On every rank: the tiny model under `method` (dsp, or ulysses / ring = the embedded baselines); its part of the
     output, the loss and every gradient summed over the ranks, and the ledger of forward + backward."""
     import torch.distributed as dist
 
     from meshweave.attention.dsp import DynamicSequenceParallel
-    from meshweave.attention.embedded_sp import EmbeddedLayout, factorised_ulysses
+    from meshweave.attention.embedded_sp import EmbeddedLayout, factorised_ring, factorised_ulysses
     from meshweave.core.comm import CommGroup, CommLedger
     from meshweave.models.attention_api import install_ops
     from meshweave.models.layout_api import layout_slots
@@ -106,8 +106,9 @@ def _sp_model(frames: int, n_layers: int, batch: int, method: str = "dsp") -> di
     group = CommGroup("sp", dist.new_group(ranks), ranks, CommLedger())
     for slot in layout_slots(model):
         slot.op = DynamicSequenceParallel(group) if method == "dsp" else EmbeddedLayout(group, dim=T_)
-    if method == "ulysses":
-        install_ops(model, {"spatial": factorised_ulysses(group), "temporal": factorised_ulysses(group)})
+    if method in ("ulysses", "ring"):
+        op = factorised_ulysses(group) if method == "ulysses" else factorised_ring(group)
+        install_ops(model, {"spatial": op, "temporal": op})
     out = model(noisy, t)
     loss = velocity_mse_sum(out, velocity)
     loss.backward()
@@ -168,27 +169,42 @@ def _ulysses_bytes(frames: int, n_layers: int, batch: int, world: int, dim: int 
     return n_layers * 8 * per
 
 
+def _ring_bytes(frames: int, n_layers: int, batch: int, world: int, dim: int = 16, tokens: int = 9) -> int:
+    """Each temporal block shifts K and V (stacked) P-1 times forward and their gradients P-1 times backward, each
+    2 x (B*S, cT, D)."""
+    if world == 1 or frames == 1:
+        return 0
+    return n_layers * 4 * (world - 1) * batch * tokens * chunk_length(frames, world) * dim * 8
+
+
+@pytest.mark.parametrize("method", ["ulysses", "ring"])
 @pytest.mark.parametrize("frames,n_layers,batch,world", [(3, 1, 2, 2), (4, 2, 2, 2), (5, 2, 1, 4), (1, 2, 3, 2)])
-def test_fp64_model_under_embedded_ulysses_equals_one_process(frames, n_layers, batch, world):
-    """The baseline: frames sharded throughout, Ulysses in the temporal attention (heads padded at P = 4)."""
+def test_fp64_model_under_embedded_baselines_equals_one_process(frames, n_layers, batch, world, method):
+    """The baselines: frames sharded throughout, Ulysses (heads padded at P = 4) or ring (padding keys masked)
+    in the temporal attention."""
     from meshweave.models.st_dit.parts import velocity_mse_sum
 
     model, noisy, t, velocity = _model_and_batch(frames, n_layers, batch)
     out = model(noisy, t)
     loss = velocity_mse_sum(out, velocity)
     loss.backward()
-    for res in run_distributed(_sp_model, world, frames, n_layers, batch, "ulysses"):
+    for res in run_distributed(_sp_model, world, frames, n_layers, batch, method):
         (b0, t0, s0), part = res["starts"], res["tokens"]
         torch.testing.assert_close(part, out.tokens[b0:b0 + part.shape[0], t0:t0 + part.shape[1], s0:s0 + part.shape[2]],
                                    atol=1e-10, rtol=1e-10)
         torch.testing.assert_close(res["loss"], loss.detach(), atol=1e-10, rtol=1e-10)
         for name, p in model.named_parameters():
             torch.testing.assert_close(res["grads"][name], p.grad, atol=1e-10, rtol=1e-10, msg=lambda m: f"{name}: {m}")
-        expected = _ulysses_bytes(frames, n_layers, batch, world)
-        assert res["ledger"] == ({"sp/all_to_all": {"calls": 8 * n_layers, "bytes": expected}} if expected else {})
+        if method == "ulysses":
+            expected = _ulysses_bytes(frames, n_layers, batch, world)
+            assert res["ledger"] == ({"sp/all_to_all": {"calls": 8 * n_layers, "bytes": expected}} if expected else {})
+        else:
+            expected, calls = _ring_bytes(frames, n_layers, batch, world), 2 * n_layers * (world - 1)
+            assert res["ledger"] == ({f"sp/{op}": {"calls": calls, "bytes": expected} for op in ("recv", "send")}
+                                     if expected else {})
 
 
-def test_dsp_moves_less_than_half_of_embedded_ulysses():
+def test_dsp_moves_less_than_half_of_embedded_ulysses_and_less_than_ring():
     """Same model and sizes (T, S, heads divisible by P): DSP switches 2L-1 times each way, the baseline does 4
     all-to-alls each way in each of its L temporal blocks, all of the activations' size: (4L-2)/(8L) < 1/2.
     (The reference's 1/4 assumes Ulysses communicates in the spatial blocks too; sharded on the frames, they
@@ -200,6 +216,8 @@ def test_dsp_moves_less_than_half_of_embedded_ulysses():
     # S = 9 pads to 10 under DSP, so the ratio is (4L-2)/(8L) * 10/9 here
     assert dsp / uly == pytest.approx((4 * n_layers - 2) / (8 * n_layers) * 10 / 9)
     assert dsp / uly < 0.5
+    ring = run_distributed(_sp_model, world, frames, n_layers, batch, "ring")[0]["ledger"]["sp/send"]["bytes"]
+    assert ring == _ring_bytes(frames, n_layers, batch, world) and dsp < ring  # ring: 2(P-1)/P of the activations
 
 
 # --- the trainer ----------------------------------------------------------------------------------------------
@@ -252,7 +270,8 @@ def test_trainer_sp2_dsp_equals_one_process(reference):
     ["parallel.sp=2", "parallel.dp=2", "parallel.sp_method=dsp", "parallel.dp_mode=ddp"],
     ["parallel.sp=2", "parallel.sp_method=dsp", "parallel.dp=1", "parallel.activation_checkpointing=true"],
     ["parallel.sp=2", "parallel.sp_method=ulysses", "parallel.dp=1"],
-], ids=["sp4", "sp2-dp2-fsdp", "sp2-dp2-ddp", "sp2-ac", "sp2-embedded-ulysses"])
+    ["parallel.sp=2", "parallel.sp_method=ring", "parallel.dp=1"],
+], ids=["sp4", "sp2-dp2-fsdp", "sp2-dp2-ddp", "sp2-ac", "sp2-embedded-ulysses", "sp2-embedded-ring"])
 def test_trainer_dsp_composed_equals_one_process(overrides, reference):
     world = 2 if "parallel.dp=1" in overrides and "parallel.sp=2" in overrides else 4
     _assert_same_training(run_distributed(train_st_dit, world, overrides), reference)
@@ -272,8 +291,8 @@ def test_loss_falls_on_the_builtin_videos_under_dsp():
 def test_dsp_and_st_dit_layout_errors_name_the_fix():
     (problem,) = validate(load_config(None, ["parallel.sp=2", "parallel.sp_method=dsp"]), 2)
     assert problem.startswith("parallel.sp_method: dsp") and "model.kind: st_dit" in problem
-    (problem,) = validate(load_config(None, ["model.kind=st_dit", "parallel.sp=2", "parallel.sp_method=ring"]), 2)
-    assert problem.startswith("parallel.sp_method: ring is not available for model kind st_dit") and "dsp" in problem
+    (problem,) = validate(load_config(None, ["model.kind=st_dit", "parallel.sp=2", "parallel.sp_method=tokenring"]), 2)
+    assert problem.startswith("parallel.sp_method: tokenring is not available for model kind st_dit") and "dsp" in problem
     with pytest.raises(ConfigError, match=r"^parallel.tp: model kind st_dit"):
         check(load_config(None, ["model.kind=st_dit", "parallel.tp=2"]), 2)
     with pytest.raises(ConfigError, match=r"^model.patch: 3 must divide"):

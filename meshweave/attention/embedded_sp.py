@@ -7,7 +7,8 @@ locally, and the attention of blocks attending over the sharded dim communicates
 go from sequence-sharded to head-sharded with one all-to-all each (dsp_comm.reshard: the sequence dim gathered
 and trimmed, the heads scattered and zero-padded when they do not divide by P), attention runs on whole
 sequences of H/P heads, and one all-to-all brings the output back. Per such block: 4 all-to-alls of the
-activations' size forward and 4 backward, against DSP's one per switch each way.
+activations' size forward and 4 backward, against DSP's one per switch each way. `factorised_ring` is the
+ring alternative inside those blocks: K/V chunks passed around the ring instead of the all-to-alls.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from meshweave.attention.dsp_comm import chunk_length, reshard, take_chunk
-from meshweave.core.comm import CommGroup
+from meshweave.core.comm import P2P, CommGroup
 from meshweave.models.attention_api import AttentionMeta, AttentionOp, local_attention
 
 SEQ, HEADS = 1, 2  # dims of q/k/v (B', N, H, D)
@@ -62,5 +63,62 @@ def factorised_ulysses(group: CommGroup) -> AttentionOp:
         heads = q.shape[HEADS]
         q, k, v = (reshard(t, group, HEADS, SEQ, heads, n) for t in (q, k, v))
         return reshard(local_attention(q, k, v, meta), group, SEQ, HEADS, n, heads)
+
+    return op
+
+
+class _RingShift(torch.autograd.Function):
+    """x to the next rank of the ring, the previous rank's x back; backward shifts the gradient the other way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: CommGroup, step: int) -> torch.Tensor:
+        ctx.group, ctx.step = group, step
+        return _shift(x.contiguous(), group, step)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _shift(grad.contiguous(), ctx.group, -ctx.step), None, None
+
+
+def _shift(x: torch.Tensor, group: CommGroup, step: int) -> torch.Tensor:
+    out = torch.empty_like(x)
+    to, frm = (group.rank + step) % group.size, (group.rank - step) % group.size
+    group.batch_isend_irecv([P2P("send", x, to), P2P("recv", out, frm)]).wait()
+    return out
+
+
+def factorised_ring(group: CommGroup) -> AttentionOp:
+    """Non-causal ring attention for the slots of a factorised model under the embedded layout: K/V chunks travel
+    around the ring (P-1 shifts of K and V stacked forward, of their gradients backward), each rank attends its queries to
+    every chunk (padding keys masked) and merges the partial results by their log-sum-exp. Written with autograd
+    through the shifts: a baseline for byte counts and correctness, not a tuned kernel (meshweave's ring op for
+    one-dimensional sequences is attention/ring.py)."""
+
+    def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+        n = meta.seq_len if meta.seq_len is not None else q.shape[SEQ]
+        if group.size == 1 or q.shape[SEQ] >= n:
+            return local_attention(q, k, v, meta)
+        c, scale = q.shape[SEQ], q.shape[-1] ** -0.5
+        qh = q.transpose(1, 2)  # (B', H, c, D)
+        # K and V travel as one tensor, one chain of shifts: every rank runs the backward shifts in the same order.
+        kv = torch.stack([k, v])
+        outs, lses, unused = [], [], []
+        for step in range(group.size):
+            owner = (group.rank - step) % group.size  # whose chunk of K/V this rank holds now
+            real = max(0, min(c, n - owner * c))
+            if real:
+                kh, vh = kv[0].transpose(1, 2), kv[1].transpose(1, 2)
+                scores = (qh @ kh.transpose(-1, -2)) * scale  # (B', H, c, c)
+                scores = scores.masked_fill(torch.arange(c, device=q.device) >= real, float("-inf"))
+                lses.append(torch.logsumexp(scores, dim=-1))
+                outs.append(torch.softmax(scores, dim=-1) @ vh)
+            else:  # a chunk of padding only: kept in the graph so that its shift's backward runs on every rank
+                unused.append(kv.sum() * 0)
+            if step < group.size - 1:
+                kv = _RingShift.apply(kv, group, 1)
+        total = torch.logsumexp(torch.stack(lses), dim=0)
+        out = sum(torch.exp(lse - total)[..., None] * o for lse, o in zip(lses, outs))
+        out = out + sum(unused) if unused else out
+        return out.transpose(1, 2)
 
     return op

@@ -148,8 +148,8 @@ def slot_op_name(kind: str, method: str, kinds: frozenset[str]) -> str:
     """What a slot of `kind` runs under sp_method `method` in a model with slot kinds `kinds`."""
     if method == "dsp":
         return "local (DSP switches the sharded dim between blocks)"
-    if method == "ulysses" and kind not in ("softmax", "linear"):  # factorised layers: the embedded baseline
-        return "ulysses where the attended dim is sharded, else local"
+    if method in ("ulysses", "ring") and kind not in ("softmax", "linear"):  # factorised layers: embedded baselines
+        return f"{method} where the attended dim is sharded, else local"
     if kind == "linear":
         return "LASP-2"
     if kind == "softmax" and method == "allgather":

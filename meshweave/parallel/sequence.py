@@ -8,8 +8,8 @@ layout (zigzag for ring-based methods and allgather), so positions, document mas
 
 Op kinds: "softmax" slots take the configured method (ulysses, ring, tokenring, usp, allgather), "linear" slots
 LASP-2 (a hybrid with allgather on its softmax slots runs LASP-2H). sp_method dsp instead installs DSP in the
-model's layout slots (models/layout_api.py) and leaves attention local; ulysses on such a (factorised) model
-is the embedded baseline (one fixed sharded dim, Ulysses inside the attention over it). A new kind adds a builder to
+model's layout slots (models/layout_api.py) and leaves attention local; ulysses and ring on such a (factorised)
+model are the embedded baselines (one fixed sharded dim, Ulysses or ring inside the attention over it). A new kind adds a builder to
 `SLOT_OP_BUILDERS`; all kinds share the batch layout of the softmax method, which every builder receives.
 (launch/plan.py names each kind's op without importing torch: keep its names in step with these builders.)
 """
@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from meshweave.attention import SequenceParallelAttention, usp_rank_groups
 from meshweave.attention.dsp import DynamicSequenceParallel
-from meshweave.attention.embedded_sp import EmbeddedLayout, factorised_ulysses
+from meshweave.attention.embedded_sp import EmbeddedLayout, factorised_ring, factorised_ulysses
 from meshweave.attention.lasp2 import lasp2_for_layout
 from meshweave.core.batch import Batch
 from meshweave.core.mesh import Mesh
@@ -62,13 +62,14 @@ def apply_dynamic_sequence_parallel(model: nn.Module, mesh: Mesh) -> BatchSharde
     return lambda batch: batch
 
 
-def apply_embedded_ulysses(model: nn.Module, mesh: Mesh) -> BatchSharder:
-    """The baseline for factorised models: activations sharded on one fixed dim, Ulysses inside the attention of
-    blocks attending over it (attention/embedded_sp.py). The batch is not sharded (the model shards at entry)."""
+def apply_embedded_sequence_parallel(model: nn.Module, mesh: Mesh, method: str) -> BatchSharder:
+    """The baselines for factorised models: activations sharded on one fixed dim, Ulysses or ring inside the
+    attention of blocks attending over it (attention/embedded_sp.py). The batch is not sharded (the model shards
+    at entry)."""
     group = mesh.group("sp")
     for slot in layout_slots(model):
         slot.op = EmbeddedLayout(group, dim=1)
-    op = factorised_ulysses(group)
+    op = factorised_ulysses(group) if method == "ulysses" else factorised_ring(group)
     install_ops(model, {slot.kind: op for slot in attention_slots(model)})
     return lambda batch: batch
 
@@ -77,8 +78,8 @@ def apply_sequence_parallel(model: nn.Module, mesh: Mesh, p: ParallelConfig) -> 
     """Install the SP op of each slot kind in `model`; return the function that shards a batch for them."""
     if p.sp_method == "dsp":
         return apply_dynamic_sequence_parallel(model, mesh)
-    if p.sp_method == "ulysses" and layout_slots(model):
-        return apply_embedded_ulysses(model, mesh)
+    if p.sp_method in ("ulysses", "ring") and layout_slots(model):
+        return apply_embedded_sequence_parallel(model, mesh, p.sp_method)
     layout_op = build_sp_op(mesh, p)
     kinds = {slot.kind for slot in attention_slots(model)}
     unknown = kinds - set(SLOT_OP_BUILDERS)
