@@ -65,10 +65,8 @@ def single_process_losses():
     return train_losses("local")
 
 
-@pytest.mark.parametrize("method,ulysses", [pytest.param("ulysses", None, marks=pytest.mark.slow),
-                                            pytest.param("ring", None, marks=pytest.mark.slow),
-                                            pytest.param("tokenring", None, marks=pytest.mark.slow),
-                                            pytest.param("usp", 1, marks=pytest.mark.slow), ("usp", 2)])
+@pytest.mark.slow  # the fast subset's SP training check is tests/test_sp_training.py (ring)
+@pytest.mark.parametrize("method,ulysses", [("ulysses", None), ("ring", None), ("tokenring", None), ("usp", 1), ("usp", 2)])
 def test_sp2_training_matches_single_process(single_process_losses, method, ulysses):
     ranks = run_distributed(train_losses, 2, method, ulysses)
     assert ranks[0] == ranks[1]

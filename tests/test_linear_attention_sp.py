@@ -176,7 +176,7 @@ def _cases(p: int) -> list[Case]:
     return cases
 
 
-@pytest.mark.parametrize("p", [1, 2, 4])
+@pytest.mark.parametrize("p", [1, 2, pytest.param(4, marks=pytest.mark.slow)])
 def test_lasp2_matches_single_process_reference(p):
     cases = _cases(p)
     for case, shards in zip(cases, _run(cases, p)):

@@ -24,6 +24,7 @@ def _mesh_groups(pp, dp, sp, tp):
             "sums": sums, "ledger": ledger, "coord": mesh.coordinate}
 
 
+@pytest.mark.slow  # four processes (the fast subset starts no pool above two ranks)
 def test_mesh_groups_and_carved_subgroups_on_4_ranks():
     results = run_distributed(_mesh_groups, 4, 1, 2, 2, 1)
     for rank, res in enumerate(results):
