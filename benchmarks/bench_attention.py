@@ -189,6 +189,17 @@ def _time_once(fn, sync: bool) -> float:
     return elapsed.item()
 
 
+def _cpu_time_once(fn) -> float:
+    """Process CPU time of one call (all threads of the process), the slowest rank's: less sensitive than
+    wall time to other jobs on a shared machine (waiting for a core is not counted)."""
+    dist.barrier()
+    c0 = time.process_time()
+    fn()
+    used = torch.tensor([time.process_time() - c0], dtype=torch.float64)
+    dist.all_reduce(used, op=dist.ReduceOp.MAX)
+    return used.item()
+
+
 def _prepare(op, layout: str, full: dict, causal: bool, rank: int, size: int, ledgers, u=None):
     """Shard the inputs, warm up, and measure bytes/calls/peak RSS of one fwd+bwd.
 
@@ -276,7 +287,7 @@ def bench_task(seq_lens: list[int], heads: int, kv_heads_list: list[int], head_d
             with _threads(same_cores):
                 single[1]()  # warm-up of the wider OpenMP team
         dist.barrier()
-        entries, here = [], []
+        entries, here, cpu = [], [], {}
         for label, layout, op, ledgers, note in methods:
             row = dict(P=size, N=n, kv=kv_heads, method=label)
             if op is None:
@@ -301,11 +312,14 @@ def bench_task(seq_lens: list[int], heads: int, kv_heads_list: list[int], head_d
                     single_mt[0].append(_time_once(single[0], False))
                     single_mt[1].append(_time_once(single[1], False))
             dist.barrier()
-            for _row, fwd, fwdbwd, t_f, t_fb in entries:
+            for row, fwd, fwdbwd, t_f, t_fb in entries:
                 t_f.append(_time_once(fwd, True))
                 t_fb.append(_time_once(fwdbwd, True))
+                cpu.setdefault(row["method"], []).append(_cpu_time_once(fwdbwd))
         for row, _f, _fb, t_f, t_fb in entries:
             row["fwd"], row["fwdbwd"] = statistics.median(t_f), statistics.median(t_fb)
+            row["fwd_best"], row["fwdbwd_best"] = min(t_f), min(t_fb)
+            row["fwdbwd_cpu"] = statistics.median(cpu[row["method"]])
         if single is not None:
             for row in here:
                 row["single_fwd"], row["single_fwdbwd"] = statistics.median(single_t[0]), statistics.median(single_t[1])
@@ -328,6 +342,7 @@ def analytic_bytes(method: str, p: int, n: int, heads: int, kv_heads: int, d: in
 
 
 PEERS = ("allgather-kv (naive)", "torch ring template", "deepspeed ulysses")
+TIMES = ("fwd", "fwdbwd", "fwdbwd_best", "fwdbwd_cpu")  # median wall, best wall, median process CPU time
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -339,7 +354,7 @@ def add_ratios(rows: list[dict]) -> None:
         timed = [r for r in group if "fwd" in r]
         ring = next((r for r in timed if r["method"] == "ring"), None)
         peers = [r for r in timed if r["method"] in PEERS]
-        best = {k: min(peers, key=lambda r: r[k]) if peers else None for k in ("fwd", "fwdbwd")}
+        best = {k: min(peers, key=lambda r: r[k]) if peers else None for k in TIMES}
         for r in timed:
             r["eff_fwd"] = r["single_fwd"] / (r["P"] * r["fwd"])
             r["eff_fwdbwd"] = r["single_fwdbwd"] / (r["P"] * r["fwdbwd"])
@@ -347,7 +362,7 @@ def add_ratios(rows: list[dict]) -> None:
             r["vs_same_cores_fwdbwd"] = r["single_mt_fwdbwd"] / r["fwdbwd"]
             r["vs_ring_fwdbwd"] = ring["fwdbwd"] / r["fwdbwd"] if ring else None
             if r["method"] not in PEERS:
-                for k in ("fwd", "fwdbwd"):
+                for k in TIMES:
                     r[f"best_peer_{k}"] = best[k]["method"] if best[k] else None
                     r[f"vs_best_peer_{k}"] = best[k][k] / r[k] if best[k] else None
 
@@ -412,6 +427,13 @@ def write_report(rows: list[dict], args) -> None:
             ratio = group[m].get("vs_best_peer_fwdbwd") if m in group else None
             cells.append("" if ratio is None else (f"{ratio:.2f}" if round(ratio, 2) >= 1 else f"**{ratio:.2f}**"))
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {peer} ({1e3 * group[peer]['fwdbwd']:.1f} ms) | " + " | ".join(cells) + " |")
+    lines += ["", "Load-robust view of fwd+bwd (other jobs inflate medians): best of the reps (wall) and the median "
+              "process CPU time per rank (slowest rank), and the same ratios against the fastest peer by each:", "",
+              "| P | kv heads | N | method | best ms | CPU ms | vs best peer (best) | vs best peer (CPU) |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['P']} | {r['kv']} | {r['N']} | {r['method']} | {1e3 * r['fwdbwd_best']:.1f} | "
+              f"{1e3 * r['fwdbwd_cpu']:.1f} | {_ratio(r.get('vs_best_peer_fwdbwd_best'))} | "
+              f"{_ratio(r.get('vs_best_peer_fwdbwd_cpu'))} |" for r in rows if "fwdbwd_cpu" in r]
     single = {(r["P"], r["kv"], r["N"]): r for r in rows if "single_fwd" in r}
     lines += ["", "Single process, whole sequence (measured on rank 0 of each P-process pool, others idle; "
               "t = one worker's threads, T = all workers' threads capped at the cores):", "",
