@@ -49,8 +49,8 @@ def validate(cfg: STDiTConfig, layout: ParallelLayout) -> list[str]:
     if cfg.dim % cfg.n_heads:
         return [f"model.n_heads: dim {cfg.dim} is not divisible by n_heads {cfg.n_heads}; pick n_heads dividing dim"]
     if layout.tp > 1:
-        return [f"parallel.tp: model kind st_dit has no tensor-parallel plan yet; use tp: 1 (sp_method: dsp shards "
-                f"its activations instead)"]
+        return ["parallel.tp: model kind st_dit has no tensor-parallel plan yet; use tp: 1 (sp_method: dsp shards "
+                "its activations instead)"]
     if layout.pp > 1:
         return ["parallel.pp: model kind st_dit has no pipeline split yet; use pp: 1"]
     if layout.sp > 1 and layout.sp_method not in ("dsp", "ulysses", "ring"):
