@@ -306,10 +306,11 @@ FOUR = ["--nproc", "4", "--set", "train.global_batch=4"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,rank", [("raise", 1), ("data", 2), ("kill", 2), ("sigterm", 1)])
+@pytest.mark.parametrize("kind,rank", [("raise", 1), ("kill", 2), ("sigterm", 1)])
 def test_four_workers_leave_nothing_behind(tmp_path, kind, rank):
-    """Each way of failing once, on a rank other than 0 (whose record the launcher would read first anyway)."""
-    env = {"raise": {"MESHWEAVE_RAISE": f"step:rank={rank}:step=2"}, "data": {"MESHWEAVE_RAISE": f"data:rank={rank}"}}
+    """A failing, a killed and an interrupted run of four workers (a rank other than 0 fails: the launcher must
+    find its record among four); the data phase's failure is drilled on two workers above."""
+    env = {"raise": {"MESHWEAVE_RAISE": f"step:rank={rank}:step=2"}}
     run = Run(tmp_path, [*TINY, *FOUR, *(LONG if kind in ("kill", "sigterm") else []), "--set", f"run_dir={tmp_path}/run"],
               env=env.get(kind))
     if kind == "kill":
@@ -318,6 +319,6 @@ def test_four_workers_leave_nothing_behind(tmp_path, kind, rank):
     if kind == "sigterm":
         run.wait_for_step(2)
         run.proc.send_signal(signal.SIGTERM)
-    status, expected = {"raise": (1, f"rank {rank} failed in train step 2"), "data": (3, f"rank {rank} failed in data"),
+    status, expected = {"raise": (1, f"rank {rank} failed in train step 2"),
                         "kill": (1, "without reporting an error"), "sigterm": (143, "interrupted at step")}[kind]
     assert_clean_end(run, status, expected)
