@@ -1,7 +1,7 @@
 """Training-level sequence parallelism: the real trainer with each SP method equals sp=1.
 
-20 steps of the small model on packed documents (document masking on). Losses must agree within
-fp32 tolerance (2e-5 relative: summation-order noise compounds over 20 AdamW steps to ~1e-6;
+8 steps of the small model on packed documents (document masking on). Losses must agree within
+fp32 tolerance (2e-5 relative: summation-order noise compounds over AdamW steps to ~1e-6;
 a wrong mask, a mis-sharded position or label, or a missing gradient reduction moves the loss
 by >1e-3 within a step or two), and gradients after the last step as in the DP tests.
 """
@@ -12,7 +12,7 @@ import torch
 from meshweave.testing import run_distributed
 from meshweave.testing_equivalence import train_and_collect
 
-STEPS = 20
+STEPS = 8  # past warm-up and into the decay, with the optimizer's state in play
 
 
 @pytest.fixture(scope="module")
