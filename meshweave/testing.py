@@ -31,6 +31,11 @@ import torch.multiprocessing as mp
 
 _POOLS: dict[int, WorkerPool] = {}
 FAILURE_GRACE_S = 10.0
+# Every task's meshes leave gloo groups (threads, sockets) behind in the workers; they cannot be destroyed
+# safely because torch's DTensor caches keep referring to them by name. After hundreds of tasks the idle
+# workers held ~1,500 threads per 4 workers and burned ~60% of a core doing nothing, so a pool is replaced
+# with fresh workers after this many tasks (a restart costs a few seconds).
+RECYCLE_AFTER_TASKS = 12
 
 
 class DistributedTestError(AssertionError):
@@ -52,29 +57,9 @@ def _worker_main(rank: int, world: int, port: int, tasks: mp.Queue, results: mp.
             results.put(("ok", rank, fn(*args, **kwargs)))
         except BaseException:  # noqa: BLE001 - every failure must reach the parent
             results.put(("err", rank, traceback.format_exc()))
-        finally:
-            _destroy_task_groups()
     # Leave without destroy_process_group and the interpreter's teardown: they take seconds per worker
     # (closing a test session's pools took 21 s for 7 workers), and every result has been delivered.
     os._exit(0)
-
-
-def _destroy_task_groups() -> None:
-    """Drop the process groups a task created (meshes, SP sub-groups), keeping the default one.
-
-    Every gloo group keeps its own threads and sockets alive; a session's workers run hundreds of tasks, and
-    the groups they left behind made idle workers burn ~15% of a core each (most of a 2-core machine in all).
-    Every rank runs the same task, so every rank drops the same groups here.
-    """
-    import gc
-
-    import torch.distributed.distributed_c10d as c10d
-
-    world = c10d._get_default_group()
-    for pg in list(c10d._world.pg_map):
-        if pg is not world:
-            c10d.destroy_process_group(pg)
-    gc.collect()
 
 
 class WorkerPool:
@@ -82,6 +67,7 @@ class WorkerPool:
 
     def __init__(self, world_size: int, start_timeout: float = 120.0) -> None:
         self.world_size = world_size
+        self.tasks_run = 0
         ctx = mp.get_context("spawn")
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(world_size)]
@@ -100,6 +86,7 @@ class WorkerPool:
 
     def run(self, fn: Callable[..., Any], *args: Any, timeout: float = 180.0, **kwargs: Any) -> list[Any]:
         """Run `fn(*args, **kwargs)` on every rank; return per-rank results or raise with all tracebacks."""
+        self.tasks_run += 1
         for q in self._tasks:
             q.put((fn, args, kwargs))
         outcome = self._collect(timeout, getattr(fn, "__name__", str(fn)))
@@ -167,7 +154,7 @@ def _failure_report(fn: Callable, world: int, failed: dict[int, str], missing: l
 def get_pool(world_size: int) -> WorkerPool:
     """The shared pool for this world size, (re)started if needed."""
     pool = _POOLS.get(world_size)
-    if pool is None or not pool.alive():
+    if pool is None or not pool.alive() or pool.tasks_run >= RECYCLE_AFTER_TASKS:
         if pool is not None:
             pool.close()
         pool = _POOLS[world_size] = WorkerPool(world_size)
