@@ -232,13 +232,10 @@ def _prepare(op, layout: str, full: dict, causal: bool, rank: int, size: int, le
     return forward, forward_backward, dict(bytes=payload, calls=calls, peak_mb=peak)
 
 
-def bench_task(seq_lens: list[int], heads: int, kv_heads_list: list[int], head_dim: int, causal: bool, reps: int, dtype: str,
-               only: list[str] | None = None) -> list[dict]:
-    """Runs on every rank: all methods (or those named in `only`) at every (kv heads, sequence length).
-    Returns rank-0-style rows."""
+def _methods_under_test(only: list[str] | None) -> tuple[list[tuple[str, str, object, list, str | None]], list, int | None]:
+    """Our SP ops and the peers over this pool's ranks (those named in `only`): (methods, groups to destroy, usp degree)."""
     rank, size = dist.get_rank(), dist.get_world_size()
     ranks = list(range(size))
-    same_cores = min(size * torch.get_num_threads(), os.cpu_count() or 1)  # all workers' threads, capped at the cores
     pgs = [dist.new_group(ranks)]
     sp = CommGroup("sp", pgs[0], ranks, CommLedger())
     u = 2 if size >= 4 else None
@@ -270,6 +267,16 @@ def bench_task(seq_lens: list[int], heads: int, kv_heads_list: list[int], head_d
         methods.append(("deepspeed ulysses", "ulysses", None, [], f"skipped: {type(err).__name__}: {err}"))
     if only:  # labels as in the report; "usp" matches "usp(u=2)"
         methods = [m for m in methods if m[0] in only or m[0].split("(")[0] in only]
+    return methods, pgs, u
+
+
+def bench_task(seq_lens: list[int], heads: int, kv_heads_list: list[int], head_dim: int, causal: bool, reps: int, dtype: str,
+               only: list[str] | None = None) -> list[dict]:
+    """Runs on every rank: all methods (or those named in `only`) at every (kv heads, sequence length).
+    Returns rank-0-style rows."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    same_cores = min(size * torch.get_num_threads(), os.cpu_count() or 1)  # all workers' threads, capped at the cores
+    methods, pgs, u = _methods_under_test(only)
     dt = getattr(torch, dtype)
     rows = []
     for kv_heads, n in [(kv, n) for kv in kv_heads_list for n in seq_lens]:
