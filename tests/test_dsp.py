@@ -5,8 +5,10 @@
 - fp64: one ST block (a spatial and a temporal block) and the whole model under DSP at P = 1, 2, 4, with T and S
   not divisible by P and T = 1: every rank's part of the output equals one process's, the summed loss and every
   parameter gradient (summed over the SP ranks, as dp x sp reduction does) to 1e-10; the ledger's bytes equal
-  the formula (one all-to-all per switch forward and one backward, of the padded activations);
-- the real trainer: st_dit under sp=2 dsp equals one process's losses and gradients (fp32 tolerance);
+  the formula (one all-to-all per switch forward and one backward, of the padded activations); the same for
+  sp_method ulysses (generic: flattened tokens sharded, 8 all-to-alls per attention) and the embedded baselines
+  (frames sharded, Ulysses or ring in the temporal attention); DSP's bytes <= 1/4 of generic Ulysses';
+- the real trainer: st_dit under sp=2 dsp / ulysses equals one process's losses and gradients (fp32 tolerance);
 - config errors name the fix; the built-in videos are deterministic per row.
 """
 
@@ -89,26 +91,41 @@ def _model_and_batch(frames: int, n_layers: int, batch: int):
     return model, noisy, torch.rand(batch, generator=g, dtype=torch.float64), velocity
 
 
-def _sp_model(frames: int, n_layers: int, batch: int, method: str = "dsp") -> dict:
-    """On every rank: the tiny model under `method` (dsp, or ulysses / ring = the embedded baselines); its part of the
-    output, the loss and every gradient summed over the ranks, and the ledger of forward + backward."""
-    import torch.distributed as dist
-
+def _install(model, method: str, group) -> None:
+    """dsp; ulysses = generic Ulysses over the flattened tokens (sp_method ulysses); ulysses_frames / ring = the
+    embedded baselines (frames sharded throughout, Ulysses or ring in the temporal attention)."""
     from meshweave.attention.dsp import DynamicSequenceParallel
     from meshweave.attention.embedded_sp import EmbeddedLayout, factorised_ring, factorised_ulysses
-    from meshweave.core.comm import CommGroup, CommLedger
+    from meshweave.attention.flattened_ulysses import FlattenedUlysses
     from meshweave.models.attention_api import install_ops
     from meshweave.models.layout_api import layout_slots
+
+    if method == "ulysses":
+        generic = FlattenedUlysses(group)
+        layout, ops = generic, {kind: generic.attention(kind) for kind in ("spatial", "temporal")}
+    elif method == "dsp":
+        layout, ops = DynamicSequenceParallel(group), {}
+    else:
+        op = factorised_ulysses(group) if method == "ulysses_frames" else factorised_ring(group)
+        layout, ops = EmbeddedLayout(group, dim=T_), {"spatial": op, "temporal": op}
+    for slot in layout_slots(model):
+        slot.op = layout
+    if ops:
+        install_ops(model, ops)
+
+
+def _sp_model(frames: int, n_layers: int, batch: int, method: str = "dsp") -> dict:
+    """On every rank: the tiny model under `method` (see _install); its part of the output, the loss and every
+    gradient summed over the ranks, and the ledger of forward + backward."""
+    import torch.distributed as dist
+
+    from meshweave.core.comm import CommGroup, CommLedger
     from meshweave.models.st_dit.parts import velocity_mse_sum
 
     model, noisy, t, velocity = _model_and_batch(frames, n_layers, batch)
     ranks = list(range(dist.get_world_size()))
     group = CommGroup("sp", dist.new_group(ranks), ranks, CommLedger())
-    for slot in layout_slots(model):
-        slot.op = DynamicSequenceParallel(group) if method == "dsp" else EmbeddedLayout(group, dim=T_)
-    if method in ("ulysses", "ring"):
-        op = factorised_ulysses(group) if method == "ulysses" else factorised_ring(group)
-        install_ops(model, {"spatial": op, "temporal": op})
+    _install(model, method, group)
     out = model(noisy, t)
     loss = velocity_mse_sum(out, velocity)
     loss.backward()
@@ -116,6 +133,36 @@ def _sp_model(frames: int, n_layers: int, batch: int, method: str = "dsp") -> di
     grads = {n: group.all_reduce(p.grad.clone()) for n, p in model.named_parameters()}
     return {"tokens": out.tokens.detach(), "starts": out.starts, "loss": group.all_reduce(loss.detach().clone()),
             "grads": grads, "ledger": ledger}
+
+
+def _reference(frames: int, n_layers: int, batch: int):
+    """One process: the model, its whole prediction and the summed loss (gradients in the model)."""
+    from meshweave.models.st_dit.parts import velocity_mse_sum
+
+    model, noisy, t, velocity = _model_and_batch(frames, n_layers, batch)
+    out = model(noisy, t)
+    loss = velocity_mse_sum(out, velocity)
+    loss.backward()
+    return model, out.tokens.detach(), loss.detach()
+
+
+def _assert_matches_one_process(results: list[dict], model, tokens: torch.Tensor, loss: torch.Tensor) -> None:
+    """Every rank's part equals the same tokens of one process's prediction (a box of frames and patches, or a run
+    of the flattened tokens: grid_index), every value on exactly one rank; loss and every gradient to 1e-10."""
+    from meshweave.models.st_dit.model import grid_index
+
+    b, f, s = tokens.shape[:3]
+    flat = tokens.flatten(1, 2)
+    covered = torch.zeros(b, f * s, dtype=torch.int64)
+    for res in results:
+        (b0, t0, s0), part = res["starts"], res["tokens"]
+        index = grid_index(t0, s0, part.shape[1], part.shape[2], s, part.device)
+        torch.testing.assert_close(part, flat[b0:b0 + part.shape[0], index], atol=1e-10, rtol=1e-10)
+        covered[b0:b0 + part.shape[0], index.flatten()] += 1
+        torch.testing.assert_close(res["loss"], loss, atol=1e-10, rtol=1e-10)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(res["grads"][name], p.grad, atol=1e-10, rtol=1e-10, msg=lambda m: f"{name}: {m}")
+    assert torch.equal(covered, torch.ones_like(covered))
 
 
 def _expected_bytes(frames: int, n_layers: int, batch: int, world: int, dim: int = 16, tokens: int = 9) -> int:
@@ -136,34 +183,31 @@ CASES = [  # (frames, n_layers, batch, world): S = 9 tokens per frame never divi
 
 @pytest.mark.parametrize("frames,n_layers,batch,world", CASES)
 def test_fp64_model_under_dsp_equals_one_process(frames, n_layers, batch, world):
-    from meshweave.models.st_dit.parts import velocity_mse_sum
-
-    model, noisy, t, velocity = _model_and_batch(frames, n_layers, batch)
-    out = model(noisy, t)
-    loss = velocity_mse_sum(out, velocity)
-    loss.backward()
+    model, tokens, loss = _reference(frames, n_layers, batch)
     results = run_distributed(_sp_model, world, frames, n_layers, batch)
-    covered = torch.zeros(out.tokens.shape[:3], dtype=torch.int64)
+    _assert_matches_one_process(results, model, tokens, loss)
+    calls = 2 * plan_switches((batch, frames, 9), (S_, T_) * n_layers, world) if world > 1 else 0
     for res in results:
-        (b0, t0, s0), part = res["starts"], res["tokens"]
-        b, f, s = part.shape[:3]
-        torch.testing.assert_close(part, out.tokens[b0:b0 + b, t0:t0 + f, s0:s0 + s], atol=1e-10, rtol=1e-10)
-        covered[b0:b0 + b, t0:t0 + f, s0:s0 + s] += 1
-        torch.testing.assert_close(res["loss"], loss.detach(), atol=1e-10, rtol=1e-10)
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(res["grads"][name], p.grad, atol=1e-10, rtol=1e-10, msg=lambda m: f"{name}: {m}")
         expected = _expected_bytes(frames, n_layers, batch, world)
-        calls = 2 * plan_switches((batch, frames, 9), (S_, T_) * n_layers, world) if world > 1 else 0
         assert res["ledger"] == ({"sp/all_to_all": {"calls": calls, "bytes": expected}} if calls else {})
-    assert torch.equal(covered, torch.ones_like(covered))  # every output value on exactly one rank
     if world > 1 and frames > 1:
         assert results[0]["ledger"]["sp/all_to_all"]["calls"] == 2 * (2 * n_layers - 1)
 
 
 def _ulysses_bytes(frames: int, n_layers: int, batch: int, world: int, dim: int = 16, heads: int = 2,
                    tokens: int = 9) -> int:
+    """Generic Ulysses: each of the 2L attentions all-to-alls q, k, v and the output forward and their gradients
+    backward, each (P, B, c, ceil(H/P), D/H) with c = ceil(T*S/P) flattened tokens (padded) per rank."""
+    if world == 1:
+        return 0
+    per = batch * chunk_length(frames * tokens, world) * world * chunk_length(heads, world) * (dim // heads) * 8
+    return 2 * n_layers * 8 * per
+
+
+def _frames_ulysses_bytes(frames: int, n_layers: int, batch: int, world: int, dim: int = 16, heads: int = 2,
+                          tokens: int = 9) -> int:
     """Frames sharded throughout: each temporal block all-to-alls q, k, v and the output forward and their
-    gradients backward, each (B*S, cT, P*cH, D/H) with frames and heads padded."""
+    gradients backward, each (B*S, cT, P*cH, D/H) with frames and heads padded; spatial blocks are local."""
     if world == 1 or frames == 1:
         return 0
     per = batch * tokens * chunk_length(frames, world) * world * chunk_length(heads, world) * (dim // heads) * 8
@@ -178,27 +222,36 @@ def _ring_bytes(frames: int, n_layers: int, batch: int, world: int, dim: int = 1
     return n_layers * 4 * (world - 1) * batch * tokens * chunk_length(frames, world) * dim * 8
 
 
-@pytest.mark.parametrize("method", ["ulysses", "ring"])
+@pytest.mark.parametrize("frames,n_layers,batch,world", [
+    (3, 1, 2, 2),  # T*S = 27 tokens: the last shard padded
+    (4, 2, 2, 2),
+    (1, 2, 3, 2),  # images: 9 tokens, the temporal attention (over one frame) still communicates
+    pytest.param(5, 2, 1, 4, marks=FOUR),  # 45 tokens padded to 48; 2 heads padded to 4
+    pytest.param(1, 1, 2, 4, marks=FOUR),
+])
+def test_fp64_model_under_generic_ulysses_equals_one_process(frames, n_layers, batch, world):
+    """sp_method ulysses: the flattened tokens sharded, every attention (spatial and temporal) all-to-alls q, k, v
+    to head shards and the output back; ledger = 8 all-to-alls per attention of the padded shard."""
+    model, tokens, loss = _reference(frames, n_layers, batch)
+    results = run_distributed(_sp_model, world, frames, n_layers, batch, "ulysses")
+    _assert_matches_one_process(results, model, tokens, loss)
+    for res in results:
+        assert res["ledger"] == {"sp/all_to_all": {"calls": 2 * n_layers * 8,
+                                                   "bytes": _ulysses_bytes(frames, n_layers, batch, world)}}
+
+
+@pytest.mark.parametrize("method", ["ulysses_frames", "ring"])
 @pytest.mark.parametrize("frames,n_layers,batch,world", [(3, 1, 2, 2), (4, 2, 2, 2), pytest.param(5, 2, 1, 4, marks=FOUR),
                                                          (1, 2, 3, 2)])
 def test_fp64_model_under_embedded_baselines_equals_one_process(frames, n_layers, batch, world, method):
-    """The baselines: frames sharded throughout, Ulysses (heads padded at P = 4) or ring (padding keys masked)
-    in the temporal attention."""
-    from meshweave.models.st_dit.parts import velocity_mse_sum
-
-    model, noisy, t, velocity = _model_and_batch(frames, n_layers, batch)
-    out = model(noisy, t)
-    loss = velocity_mse_sum(out, velocity)
-    loss.backward()
-    for res in run_distributed(_sp_model, world, frames, n_layers, batch, method):
-        (b0, t0, s0), part = res["starts"], res["tokens"]
-        torch.testing.assert_close(part, out.tokens[b0:b0 + part.shape[0], t0:t0 + part.shape[1], s0:s0 + part.shape[2]],
-                                   atol=1e-10, rtol=1e-10)
-        torch.testing.assert_close(res["loss"], loss.detach(), atol=1e-10, rtol=1e-10)
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(res["grads"][name], p.grad, atol=1e-10, rtol=1e-10, msg=lambda m: f"{name}: {m}")
-        if method == "ulysses":
-            expected = _ulysses_bytes(frames, n_layers, batch, world)
+    """The embedded baselines: frames sharded throughout, Ulysses (heads padded at P = 4) or ring (padding keys
+    masked) in the temporal attention."""
+    model, tokens, loss = _reference(frames, n_layers, batch)
+    results = run_distributed(_sp_model, world, frames, n_layers, batch, method)
+    _assert_matches_one_process(results, model, tokens, loss)
+    for res in results:
+        if method == "ulysses_frames":
+            expected = _frames_ulysses_bytes(frames, n_layers, batch, world)
             assert res["ledger"] == ({"sp/all_to_all": {"calls": 8 * n_layers, "bytes": expected}} if expected else {})
         else:
             expected, calls = _ring_bytes(frames, n_layers, batch, world), 2 * n_layers * (world - 1)
@@ -206,19 +259,24 @@ def test_fp64_model_under_embedded_baselines_equals_one_process(frames, n_layers
                                      if expected else {})
 
 
-def test_dsp_moves_less_than_half_of_embedded_ulysses_and_less_than_ring():
-    """Same model and sizes (T, S, heads divisible by P): DSP switches 2L-1 times each way, the baseline does 4
-    all-to-alls each way in each of its L temporal blocks, all of the activations' size: (4L-2)/(8L) < 1/2.
-    (The reference's 1/4 assumes Ulysses communicates in the spatial blocks too; sharded on the frames, they
-    are local.)"""
+def test_dsp_moves_at_most_a_quarter_of_generic_ulysses_bytes():
+    """The issue's bound, on the same model and sizes (heads divisible by P): DSP switches 2L-1 times each way,
+    generic Ulysses all-to-alls 4 times each way in every one of its 2L attentions, all of the activations' size
+    over P (up to padding): (2L-1)/(8L) <= 1/4. Against the embedded baselines (frames sharded: spatial
+    attention local) DSP moves (4L-2)/(8L) of Ulysses' bytes and less than ring's."""
     frames, n_layers, batch, world = 4, 2, 2, 2
-    dsp = run_distributed(_sp_model, world, frames, n_layers, batch, "dsp")[0]["ledger"]["sp/all_to_all"]["bytes"]
-    uly = run_distributed(_sp_model, world, frames, n_layers, batch, "ulysses")[0]["ledger"]["sp/all_to_all"]["bytes"]
-    assert (dsp, uly) == (_expected_bytes(frames, n_layers, batch, world), _ulysses_bytes(frames, n_layers, batch, world))
-    # S = 9 pads to 10 under DSP, so the ratio is (4L-2)/(8L) * 10/9 here
-    assert dsp / uly == pytest.approx((4 * n_layers - 2) / (8 * n_layers) * 10 / 9)
-    assert dsp / uly < 0.5
-    ring = run_distributed(_sp_model, world, frames, n_layers, batch, "ring")[0]["ledger"]["sp/send"]["bytes"]
+    ledgers = {m: run_distributed(_sp_model, world, frames, n_layers, batch, m)[0]["ledger"]
+               for m in ("dsp", "ulysses", "ulysses_frames", "ring")}
+    dsp, uly, frames_uly = (ledgers[m]["sp/all_to_all"]["bytes"] for m in ("dsp", "ulysses", "ulysses_frames"))
+    assert (dsp, uly, frames_uly) == (_expected_bytes(frames, n_layers, batch, world),
+                                      _ulysses_bytes(frames, n_layers, batch, world),
+                                      _frames_ulysses_bytes(frames, n_layers, batch, world))
+    # Padding: DSP pads S = 9 to 10 (times T = 4 at 2 per rank); Ulysses' 36 flattened tokens divide by 2.
+    padding = chunk_length(frames, world) * chunk_length(9, world) * world ** 2 / (frames * 9)
+    assert dsp / uly == pytest.approx((2 * n_layers - 1) / (8 * n_layers) * padding)
+    assert dsp / uly <= 0.25
+    assert dsp / frames_uly == pytest.approx((4 * n_layers - 2) / (8 * n_layers) * 10 / 9)
+    ring = ledgers["ring"]["sp/send"]["bytes"]
     assert ring == _ring_bytes(frames, n_layers, batch, world) and dsp < ring  # ring: 2(P-1)/P of the activations
 
 
@@ -260,9 +318,11 @@ def _assert_same_training(results: list[dict], reference: dict) -> None:
             torch.testing.assert_close(g, reference["grads"][name], rtol=2e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
 
-def test_trainer_sp2_dsp_equals_one_process(reference):
-    _assert_same_training(run_distributed(train_st_dit, 2, ["parallel.sp=2", "parallel.sp_method=dsp", "parallel.dp=1"]),
-                          reference)
+@pytest.mark.parametrize("method", ["dsp", "ulysses"])
+def test_trainer_sp2_equals_one_process(method, reference):
+    """sp2 dsp, and sp2 ulysses (the generic runtime's: flattened tokens, all-to-alls in every attention)."""
+    _assert_same_training(run_distributed(train_st_dit, 2, ["parallel.sp=2", f"parallel.sp_method={method}",
+                                                            "parallel.dp=1"]), reference)
 
 
 @pytest.mark.slow
@@ -271,9 +331,8 @@ def test_trainer_sp2_dsp_equals_one_process(reference):
     ["parallel.sp=2", "parallel.dp=2", "parallel.sp_method=dsp", "parallel.dp_mode=fsdp"],
     ["parallel.sp=2", "parallel.dp=2", "parallel.sp_method=dsp", "parallel.dp_mode=ddp"],
     ["parallel.sp=2", "parallel.sp_method=dsp", "parallel.dp=1", "parallel.activation_checkpointing=true"],
-    ["parallel.sp=2", "parallel.sp_method=ulysses", "parallel.dp=1"],
     ["parallel.sp=2", "parallel.sp_method=ring", "parallel.dp=1"],
-], ids=["sp4", "sp2-dp2-fsdp", "sp2-dp2-ddp", "sp2-ac", "sp2-embedded-ulysses", "sp2-embedded-ring"])
+], ids=["sp4", "sp2-dp2-fsdp", "sp2-dp2-ddp", "sp2-ac", "sp2-embedded-ring"])
 def test_trainer_dsp_composed_equals_one_process(overrides, reference):
     world = 2 if "parallel.dp=1" in overrides and "parallel.sp=2" in overrides else 4
     _assert_same_training(run_distributed(train_st_dit, world, overrides), reference)

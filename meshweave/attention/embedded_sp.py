@@ -1,9 +1,13 @@
-"""Embedded sequence parallelism on a factorised (spatial/temporal) model: the baseline DSP is measured against.
+"""Embedded sequence parallelism on a factorised (spatial/temporal) model: the strong baselines for DSP.
+
+`sp_method: ring` on st_dit runs `factorised_ring`; `factorised_ulysses` is the stronger Ulysses baseline, which
+benchmarks/bench_dsp.py installs beside `sp_method: ulysses` (Ulysses as a generic runtime applies it, every
+attention communicating: attention/flattened_ulysses.py).
 
 As a one-dimensional SP method does, the activations (B, T, S, C) stay sharded on one fixed dim for the whole
-model (dim 1, the frames, as Open-Sora's sequence parallelism before DSP did, and as sharding the T-major
-flattened sequence does when T divides by P): blocks attending over another dim run
-locally, and the attention of blocks attending over the sharded dim communicates inside, Ulysses-style: q, k, v
+model (dim 1, the frames, as Open-Sora's sequence parallelism before DSP did): blocks attending over another dim
+run locally (what a generic runtime, which does not know the model's attention is factorised, cannot do), and
+the attention of blocks attending over the sharded dim communicates inside, Ulysses-style: q, k, v
 go from sequence-sharded to head-sharded with one all-to-all each (dsp_comm.reshard: the sequence dim gathered
 and trimmed, the heads scattered and zero-padded when they do not divide by P), attention runs on whole
 sequences of H/P heads, and one all-to-all brings the output back. Per such block: 4 all-to-alls of the

@@ -8,8 +8,10 @@ layout (zigzag for ring-based methods and allgather), so positions, document mas
 
 Op kinds: "softmax" slots take the configured method (ulysses, ring, tokenring, usp, allgather), "linear" slots
 LASP-2 (a hybrid with allgather on its softmax slots runs LASP-2H). sp_method dsp instead installs DSP in the
-model's layout slots (models/layout_api.py) and leaves attention local; ulysses and ring on such a (factorised)
-model are the embedded baselines (one fixed sharded dim, Ulysses or ring inside the attention over it). A new kind adds a builder to
+model's layout slots (models/layout_api.py) and leaves attention local; on such a (factorised) model ulysses is
+Ulysses as a generic runtime applies it (the flattened tokens sharded, all-to-alls in every attention:
+attention/flattened_ulysses.py) and ring the embedded baseline (frames sharded throughout, ring attention in the
+temporal blocks: attention/embedded_sp.py). A new kind adds a builder to
 `SLOT_OP_BUILDERS`; all kinds share the batch layout of the softmax method, which every builder receives.
 (launch/plan.py names each kind's op without importing torch: keep its names in step with these builders.)
 """
@@ -23,6 +25,7 @@ import torch.nn as nn
 from meshweave.attention import SequenceParallelAttention, usp_rank_groups
 from meshweave.attention.dsp import DynamicSequenceParallel
 from meshweave.attention.embedded_sp import EmbeddedLayout, factorised_ring, factorised_ulysses
+from meshweave.attention.flattened_ulysses import FlattenedUlysses
 from meshweave.attention.lasp2 import lasp2_for_layout
 from meshweave.core.batch import Batch
 from meshweave.core.mesh import Mesh
@@ -63,9 +66,10 @@ def apply_dynamic_sequence_parallel(model: nn.Module, mesh: Mesh) -> BatchSharde
 
 
 def apply_embedded_sequence_parallel(model: nn.Module, mesh: Mesh, method: str) -> BatchSharder:
-    """The baselines for factorised models: activations sharded on one fixed dim, Ulysses or ring inside the
-    attention of blocks attending over it (attention/embedded_sp.py). The batch is not sharded (the model shards
-    at entry)."""
+    """The embedded baselines for factorised models: activations sharded on the frames throughout, Ulysses or ring
+    inside the attention of blocks attending over them (attention/embedded_sp.py; sp_method ring runs the ring
+    one, the Ulysses one is the stronger Ulysses baseline that benchmarks/bench_dsp.py installs). The batch is not
+    sharded (the model shards at entry)."""
     group = mesh.group("sp")
     for slot in layout_slots(model):
         slot.op = EmbeddedLayout(group, dim=1)
@@ -74,11 +78,24 @@ def apply_embedded_sequence_parallel(model: nn.Module, mesh: Mesh, method: str) 
     return lambda batch: batch
 
 
+def apply_flattened_ulysses(model: nn.Module, mesh: Mesh) -> BatchSharder:
+    """sp_method ulysses on a factorised model: the layout slots shard the flattened tokens, and every attention
+    slot all-to-alls q, k, v to head shards and back (attention/flattened_ulysses.py). The batch is not sharded
+    (the model shards at entry)."""
+    ulysses = FlattenedUlysses(mesh.group("sp"))
+    for slot in layout_slots(model):
+        slot.op = ulysses
+    install_ops(model, {slot.kind: ulysses.attention(slot.kind) for slot in attention_slots(model)})
+    return lambda batch: batch
+
+
 def apply_sequence_parallel(model: nn.Module, mesh: Mesh, p: ParallelConfig) -> BatchSharder:
     """Install the SP op of each slot kind in `model`; return the function that shards a batch for them."""
     if p.sp_method == "dsp":
         return apply_dynamic_sequence_parallel(model, mesh)
-    if p.sp_method in ("ulysses", "ring") and layout_slots(model):
+    if p.sp_method == "ulysses" and layout_slots(model):
+        return apply_flattened_ulysses(model, mesh)
+    if p.sp_method == "ring" and layout_slots(model):
         return apply_embedded_sequence_parallel(model, mesh, p.sp_method)
     layout_op = build_sp_op(mesh, p)
     kinds = {slot.kind for slot in attention_slots(model)}

@@ -8,6 +8,11 @@ Layout conventions that the parallel layers rely on:
 - every block attends over exactly one activation dim (`layout.attends`), with its own sinusoidal position
   encoding over that dim, so it runs unchanged on any part of the activations in which that dim is whole
   (and, given where its part starts, on a part of that dim whose attention slot communicates);
+- a part (B', T', S') of the activations starting at (t0, s0) (`layout.start` of dims 1 and 2) holds, as its
+  token (t, j), the token (t0 + t) * S + s0 + j of the row-major (T, S) grid (`grid_index`). For a box of
+  frames and patches (s0 + S' <= S) that is frame t0 + t, patch s0 + j; a run of consecutive tokens of the
+  flattened sequence (Ulysses as a generic runtime shards it) is one row, t0 = 0 and s0 its first token.
+  Tokens past the end (padding) get positions past the end, whose values are never used;
 - `layout` (a LayoutSlot) is where the activations are sharded and resharded between blocks (DSP);
 - `layers` is a ModuleDict "0".."2L-1" (spatial, temporal, spatial, ...); attention runs in AttentionSlots of
   kinds "spatial" and "temporal" (non-causal);
@@ -31,7 +36,14 @@ from meshweave.models.st_dit.config import SPATIAL, STDiTConfig, block_attends
 
 class VideoPrediction(NamedTuple):
     tokens: torch.Tensor  # (B', T', S', C*p*p): a part of the full (B, T, S, C*p*p) prediction
-    starts: tuple[int, ...]  # where that part starts in dims B, T, S
+    starts: tuple[int, ...]  # where that part starts in dims B, T, S (T, S by the row-major rule, `grid_index`)
+
+
+def grid_index(t0: int, s0: int, frames: int, tokens: int, per_frame: int, device: torch.device) -> torch.Tensor:
+    """(frames, tokens) row-major indices into the flattened (T, S) grid (S = per_frame) of a part starting at
+    (t0, s0): a box of frames and patches, or a run of consecutive tokens held as one row (see the module doc)."""
+    rows = torch.arange(t0, t0 + frames, device=device)[:, None] * per_frame
+    return rows + torch.arange(s0, s0 + tokens, device=device)[None]
 
 
 def patchify(latents: torch.Tensor, patch: int) -> torch.Tensor:
@@ -79,18 +91,22 @@ class FactorisedAttention(nn.Module):
 
     def __init__(self, cfg: STDiTConfig, attends: int) -> None:
         super().__init__()
-        self.attends, self.n_heads = attends, cfg.n_heads
+        self.attends, self.head_dim = attends, cfg.head_dim
         self.seq_len = cfg.tokens_per_frame if attends == SPATIAL else cfg.frames  # whole length of the attended dim
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        # Separate q, k, v projections (not one fused qkv): a column-wise tensor-parallel split of each keeps whole
+        # heads on every rank, where a split of a fused (3 * dim) output would hand rank 0 all of q and half of k.
+        self.q, self.k, self.v = (nn.Linear(cfg.dim, cfg.dim) for _ in range(3))
         self.proj = nn.Linear(cfg.dim, cfg.dim)
         self.mixer = AttentionSlot("spatial" if attends == SPATIAL else "temporal")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         seq = x.movedim(self.attends, -2)  # (B, other, N, D)
-        lead, (n, d) = seq.shape[:-2], seq.shape[-2:]
-        q, k, v = self.qkv(seq.reshape(-1, n, d)).view(-1, n, 3, self.n_heads, d // self.n_heads).unbind(2)
-        out = self.mixer(q, k, v, AttentionMeta(causal=False, seq_len=self.seq_len)).reshape(*lead, n, d)
-        return self.proj(out).movedim(-2, self.attends)
+        lead, n = seq.shape[:-2], seq.shape[-2]
+        seq = seq.reshape(-1, n, seq.shape[-1])
+        # Heads held here: all of them, or dim / tp of them under tensor parallelism (the projections' local width).
+        q, k, v = (proj(seq).unflatten(-1, (-1, self.head_dim)) for proj in (self.q, self.k, self.v))
+        out = self.mixer(q, k, v, AttentionMeta(causal=False, seq_len=self.seq_len))
+        return self.proj(out.reshape(*lead, n, -1)).movedim(-2, self.attends)
 
 
 class MLP(nn.Module):
@@ -114,23 +130,24 @@ class STBlock(nn.Module):
         self.mlp = MLP(cfg)
         self.ada = nn.Linear(cfg.dim, 6 * cfg.dim)
 
-    def positions(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Position encoding over the attended dim for x's part of it (from global position `start`), broadcastable
-        to x. Padding past the end of the dim gets positions past the end (its values are never used)."""
-        d, device, n = self.cfg.dim, x.device, x.shape[self.attends]
+    def positions(self, x: torch.Tensor, starts: tuple[int, int]) -> torch.Tensor:
+        """(1, T', S', D) position encoding over the attended dim (the patch's row and column, or the frame) of
+        x's tokens, x's part of the grid starting at `starts` (t0, s0) by the row-major rule of the module doc."""
+        d, per_frame, (frames, tokens) = self.cfg.dim, self.cfg.tokens_per_frame, x.shape[1:3]
+        index = grid_index(*starts, frames, tokens, per_frame, x.device)
         if self.attends == SPATIAL:
             h, w = self.cfg.height // self.cfg.patch, self.cfg.width // self.cfg.patch
-            pos = spatial_positions(h, w, d, device)
-            pos = F.pad(pos, (0, 0, 0, max(0, start + n - h * w)))[start:start + n][None, None]  # (1, 1, S, D)
-        else:
-            pos = sincos(torch.arange(start, start + n, device=device), d)[None, :, None]  # (1, T, 1, D)
-        return pos.to(x.dtype)
+            pos = spatial_positions(h, w, d, x.device)[index % per_frame]
+        else:  # one encoding per frame the part touches (host arithmetic: first and last frame of the part)
+            first, last = starts[0], starts[0] + frames - 1 + (starts[1] + tokens - 1) // per_frame
+            pos = sincos(torch.arange(first, last + 1, device=x.device), d)[index // per_frame - first]
+        return pos[None].to(x.dtype)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """x (B, T, S, D): a part of the activations; `start`: where its part of the attended dim begins."""
+    def forward(self, x: torch.Tensor, c: torch.Tensor, starts: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """x (B, T', S', D): a part of the activations starting at `starts` (t0, s0) in the (T, S) grid."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(c)).chunk(6, dim=-1)
         view = (x.shape[0], 1, 1, x.shape[-1])
-        h = modulate(self.norm1(x), shift1, scale1) + self.positions(x, start)
+        h = modulate(self.norm1(x), shift1, scale1) + self.positions(x, starts)
         x = x + gate1.view(view) * self.attn(h)
         return x + gate2.view(view) * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
@@ -177,7 +194,8 @@ class STDiT(nn.Module):
         x = self.layout.enter(x)
         for i, block in enumerate(self.layers.values()):
             x = self.layout.before_block(x, sizes, i)
-            x = block(x, self.layout.samples(c, sizes, i), self.layout.start(sizes, i, block.attends))
+            starts = (self.layout.start(sizes, i, 1), self.layout.start(sizes, i, 2))  # of frames and patches
+            x = block(x, self.layout.samples(c, sizes, i), starts)
         x, starts = self.layout.exit(x, sizes)
         c = c.narrow(0, starts[0], x.shape[0])  # the batch dim may be sharded (images)
         return VideoPrediction(self.final(x, c), starts)

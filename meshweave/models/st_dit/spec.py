@@ -55,7 +55,7 @@ def validate(cfg: STDiTConfig, layout: ParallelLayout) -> list[str]:
         return ["parallel.pp: model kind st_dit has no pipeline split yet; use pp: 1"]
     if layout.sp > 1 and layout.sp_method not in ("dsp", "ulysses", "ring"):
         return [f"parallel.sp_method: {layout.sp_method} is not available for model kind st_dit (its attention is "
-                f"factorised over frames and patches); use sp_method: dsp (or ulysses / ring, the embedded baselines)"]
+                f"factorised over frames and patches); use sp_method: dsp (or the baselines ulysses / ring)"]
     return []
 
 
