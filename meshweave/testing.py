@@ -25,17 +25,15 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from meshweave.launch.env import free_port
-
 import torch.multiprocessing as mp
+
+from meshweave.launch.env import free_port
 
 _POOLS: dict[int, WorkerPool] = {}
 FAILURE_GRACE_S = 10.0
-# Every task's meshes leave gloo groups (threads, sockets) behind in the workers; they cannot be destroyed
-# safely because torch's DTensor caches keep referring to them by name. After hundreds of tasks the idle
-# workers held ~1,500 threads per 4 workers and burned ~60% of a core doing nothing, so a pool is replaced
-# with fresh workers after this many tasks (a restart costs a few seconds).
-RECYCLE_AFTER_TASKS = 12
+# A safety net: tasks' groups are released after each task (`_release_task_groups`), but anything else a
+# task leaves in a long-lived worker is bounded by replacing the pool now and then (a restart costs ~2 s).
+RECYCLE_AFTER_TASKS = 50
 
 
 class DistributedTestError(AssertionError):
@@ -57,9 +55,49 @@ def _worker_main(rank: int, world: int, port: int, tasks: mp.Queue, results: mp.
             results.put(("ok", rank, fn(*args, **kwargs)))
         except BaseException:  # noqa: BLE001 - every failure must reach the parent
             results.put(("err", rank, traceback.format_exc()))
+        finally:
+            _release_task_groups()
     # Leave without destroy_process_group and the interpreter's teardown: they take seconds per worker
     # (closing a test session's pools took 21 s for 7 workers), and every result has been delivered.
     os._exit(0)
+
+
+def _release_task_groups() -> None:
+    """Destroy the process groups a task created (meshes, SP sub-groups) and the caches that name them.
+
+    Every gloo group keeps threads and sockets alive: after 30 mesh tasks 4 idle workers held 1,465 threads
+    and burned 3.2 CPU-s per 5 s doing nothing, which overloaded the 2-core machine during the suite. Every
+    rank runs the same task, so every rank destroys the same groups here. DTensor caches its sharding and
+    redistribution plans keyed by meshes whose equality ignores their groups, so a later task's equal mesh
+    would find a plan naming a destroyed group: those caches are cleared too.
+    """
+    import gc
+
+    import torch.distributed.distributed_c10d as c10d
+
+    default = c10d._get_default_group()
+    for pg in list(c10d._world.pg_map):
+        if pg is not default:
+            c10d.destroy_process_group(pg)
+    gc.collect()
+    _clear_dtensor_caches()
+
+
+def _clear_dtensor_caches() -> None:
+    # The C++ dispatch fast path has its own cache; torch.distributed's Python caches are functools
+    # lru_caches spread over modules and closures, so they are found by type rather than named one by one.
+    import functools
+    import gc
+
+    import torch
+
+    clear_fast_path = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+    if clear_fast_path is not None:
+        clear_fast_path()
+    for obj in gc.get_objects():
+        # type(), not isinstance(): isinstance reads __class__, which deprecated torch objects warn about
+        if type(obj) is functools._lru_cache_wrapper and (obj.__module__ or "").startswith("torch.distributed"):
+            obj.cache_clear()
 
 
 class WorkerPool:

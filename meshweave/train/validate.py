@@ -27,6 +27,7 @@ from meshweave.data.tokenizer import BYTE_VOCAB_SIZE
 from meshweave.models.registry import model_spec
 from meshweave.models.spec import ParallelLayout, slot_kinds
 from meshweave.parallel.schedules import SCHEDULE_CLASSES, is_multi_stage, stage_style
+from meshweave.train.validate_adaptive import adaptive_problems
 
 # Largest cost-balanced pipeline split planned (stages * layers^2 steps of its dynamic programme).
 COST_SPLIT_BUDGET = 20_000_000
@@ -59,7 +60,8 @@ def _first_problems(cfg: Config, world_size: int) -> tuple[list[str], Rule | Non
     if problems:
         return problems, None
     cfg = resolve_defaults(cfg, world_size)
-    for rule in (_model, _tensor_parallel, _pipeline, _sequence_parallel, _batch, _train, _data, _checkpoint, _paths):
+    for rule in (_model, adaptive_problems, _tensor_parallel, _pipeline, _sequence_parallel, _batch, _train, _data,
+                 _checkpoint, _paths):
         problems = rule(cfg, world_size)
         if problems:
             return problems, rule
@@ -188,6 +190,8 @@ def _dynamic_sequence_parallel(cfg: Config) -> list[str]:
 
 def _batch(cfg: Config, world: int) -> list[str]:
     t, p = cfg.train, cfg.parallel
+    if p.adaptive.enabled:
+        return []  # a step is data.tokens_per_step of whole documents; global_batch does not apply
     dp = max(1, resolved_dp(p, world))
     if t.global_batch < 1 or t.grad_accum < 1 or p.microbatches < 1:
         return ["train.global_batch, train.grad_accum and parallel.microbatches must be >= 1"]
