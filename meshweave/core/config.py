@@ -43,10 +43,23 @@ def from_dict(raw: dict[str, Any], model_config: ModelConfigLookup) -> Config:
     version = raw.get("version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
         raise ConfigError(f"version: {_short(version)} is not supported; this meshweave reads version: {SCHEMA_VERSION}")
+    raw = _adaptive_shorthand(raw)
     model_raw = raw.get("model")
     cfg = _build(Config, {k: v for k, v in raw.items() if k != "model"}, "")
     cfg.model = _build(_model_class(model_raw, model_config), model_raw, "model.")
     return cfg
+
+
+def _adaptive_shorthand(raw: dict[str, Any]) -> dict[str, Any]:
+    """`parallel.sp: adaptive` means `parallel.adaptive.enabled: true` over a mesh with sp 1: the adaptive runtime
+    carves its SP groups out of the data-parallel ranks, so every other part of meshweave keeps an integer sp."""
+    parallel = raw.get("parallel")
+    if not isinstance(parallel, dict) or parallel.get("sp") != "adaptive":
+        return raw
+    adaptive = parallel.get("adaptive") if parallel.get("adaptive") is not None else {}
+    if not isinstance(adaptive, dict):
+        raise ConfigError(f"parallel.adaptive: expected a mapping, got {_short(adaptive)}")
+    return {**raw, "parallel": {**parallel, "sp": 1, "adaptive": {**adaptive, "enabled": True}}}
 
 
 def _model_kind(model_raw: Any) -> str:

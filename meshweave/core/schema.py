@@ -80,11 +80,34 @@ class UspConfig:
 
 
 @dataclass
+class AdaptiveCostConfig:
+    """The adaptive planner's cost model; a value left at 0 is measured at start-up (and cached per machine)."""
+
+    alpha1: NonNegative = 0.0  # seconds per token^2 of one sequence's fwd+bwd on one rank (attention)
+    alpha2: NonNegative = 0.0  # seconds per token of one sequence's fwd+bwd on one rank (everything else)
+    beta: NonNegative = 0.0  # seconds of fixed cost per group per micro-batch
+    bandwidth_gbps: NonNegative = 0.0  # all-to-all bandwidth inside an SP group, GB/s (one value for every size)
+
+
+@dataclass
+class AdaptiveConfig:
+    """`parallel.sp: adaptive`: each step's whole documents are placed on SP groups of varying size (FlexSP)."""
+
+    enabled: bool = False  # set by `sp: adaptive` (the mesh then has sp 1; groups are carved from dp ranks)
+    strategy: Literal["milp", "greedy", "megatron", "static"] = "milp"  # milp = FlexSP; the others are its peers
+    static_size: AtLeast1 = 1  # strategy static: the one group size used for every sequence
+    tokens_per_rank: AtLeast1OrAuto = 0  # tokens one rank may hold per micro-batch; 0 = data.max_len
+    time_limit_ms: Positive = 50.0  # MILP solver time limit per step (then its best plan, or greedy)
+    mip_gap: Annotated[float, Range(ge=0, lt=1)] = 0.01  # relative optimality gap the solver may stop at
+    cost: AdaptiveCostConfig = field(default_factory=AdaptiveCostConfig)
+
+
+@dataclass
 class ParallelConfig:
     dp: AtLeast1OrFill = -1  # data-parallel degree; -1 = whatever the world size leaves after tp*pp*sp
     tp: AtLeast1 = 1  # tensor-parallel degree
     pp: AtLeast1 = 1  # pipeline-parallel degree (stages)
-    sp: AtLeast1 = 1  # sequence-parallel degree (attention split over the sequence)
+    sp: AtLeast1 = 1  # sequence-parallel degree (attention split over the sequence); `sp: adaptive` = see adaptive
     dp_mode: Literal["fsdp", "ddp"] = "fsdp"  # FSDP2 fully_shard, or DDP
     sp_method: SpMethod = "ring"  # ulysses | ring | tokenring | usp | allgather (K/V all-gathered: LASP-2H's) | dsp (st_dit)
     usp: UspConfig = field(default_factory=UspConfig)
@@ -93,6 +116,7 @@ class ParallelConfig:
     virtual_stages: AtLeast1 = 1  # model chunks per pipeline rank (interleaved schedules)
     pp_split: Literal["even", "cost"] = "even"  # even, or balanced by estimated per-layer cost
     activation_checkpointing: bool = False  # recompute each block in backward
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
 
 
 @dataclass
@@ -127,6 +151,9 @@ class DataConfig:
     document_masking: bool = True  # attend only within a document in packed sequences
     synthetic_mean_len: AtLeast1 = 256  # source: synthetic — mean document length (long-tailed)
     synthetic_max_len: Annotated[int, Range(ge=2)] = 4096  # source: synthetic — longest document (tokens)
+    packing: bool = True  # pack documents into rows of train.seq_len; false = whole documents (sp: adaptive)
+    max_len: Annotated[int, Range(ge=2)] = 4096  # packing false: longer documents are cut into pieces of this many tokens
+    tokens_per_step: AtLeast1 = 8192  # packing false: tokens per optimizer step (whole documents, at least one)
 
 
 @dataclass

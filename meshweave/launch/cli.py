@@ -103,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
     plan = with_config("plan", "dry run: validate and print the layout, memory and FLOPs; starts nothing")
     plan.add_argument("--world-size", type=int, required=True)
+    plan.add_argument("--adaptive", action="store_true",
+                      help="sp: adaptive: also plan the first steps' batches and show groups and predicted times")
     plan.set_defaults(func=cmd_plan)
     with_config("config", "print the fully resolved config").set_defaults(func=cmd_config)
     ckpt = sub.add_parser("ckpt", help="inspect checkpoints: ckpt list DIR | ckpt verify DIR")
@@ -123,6 +125,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     check(cfg, _count("--world-size", args.world_size))
     resolved = resolve_defaults(cfg, args.world_size)
     print(render_plan(resolved, ParallelDims.resolve(resolved.parallel, args.world_size), picked_defaults(cfg, resolved)))
+    if args.adaptive:
+        if not resolved.parallel.adaptive.enabled:
+            raise ConfigError("--adaptive shows the plans of parallel.sp: adaptive; set it (--set parallel.sp=adaptive "
+                              "--set data.packing=false)")
+        from meshweave.launch.plan_adaptive import render_adaptive_plan
+
+        print(render_adaptive_plan(resolved, args.world_size))
     return 0
 
 

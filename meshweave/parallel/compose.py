@@ -19,7 +19,10 @@ from torch.utils.checkpoint import checkpoint
 
 from meshweave.core.mesh import Mesh
 from meshweave.core.schema import Config
+from meshweave.models.attention_api import attention_slots
 from meshweave.models.spec import ModelSpec
+from meshweave.parallel.adaptive_calibrate import resolve_cost_model
+from meshweave.parallel.adaptive_sp import AdaptiveRunner, PlannerSettings, group_ops
 from meshweave.parallel.data_parallel import apply_ddp, apply_fsdp
 from meshweave.parallel.pipeline import apply_pipeline_replicate, build_schedule, split_model
 from meshweave.parallel.pipeline_runner import PipelineRunner, TokenWeightedLoss
@@ -40,6 +43,8 @@ class ParallelModel:
 def parallelize(model: nn.Module, spec: ModelSpec, mesh: Mesh, cfg: Config, compute_dtype: torch.dtype) -> ParallelModel:
     """Shard `model` (built whole on this rank) over `mesh` as `cfg.parallel` says; return its runner."""
     p = cfg.parallel
+    if p.adaptive.enabled:
+        return parallelize_adaptive(model, spec, mesh, cfg, compute_dtype)
     stage_ids, parts = split_pipeline(model, spec, mesh, cfg) if p.pp > 1 else ([0], [model])
     for part in parts:
         apply_tensor_parallel_step(part, spec, mesh)
@@ -60,6 +65,24 @@ def parallelize(model: nn.Module, spec: ModelSpec, mesh: Mesh, cfg: Config, comp
     runner = LocalRunner(wrapped[0], io, cfg.train.grad_accum, shard=shard, autocast_dtype=autocast,
                          gradient_average_scale=scale, traffic=tensor_parallel_traffic(mesh))
     runner.model_parts = [model]
+    return ParallelModel(runner, [model])
+
+
+def parallelize_adaptive(model: nn.Module, spec: ModelSpec, mesh: Mesh, cfg: Config,
+                         compute_dtype: torch.dtype) -> ParallelModel:
+    """`sp: adaptive`: an op per power-of-two group of the dp ranks (created once), FSDP2 over all ranks, and the
+    runner that plans each step (parallel/adaptive_sp.py); the planner's cost model is calibrated here."""
+    world, settings = mesh.group("world"), PlannerSettings.from_config(cfg, mesh.dims.dp)
+    slots = attention_slots(model)
+    groups = mesh.carve_subgroups(("dp",), [1 << i for i in range(settings.max_group.bit_length())])
+    ops_by_size = {size: group_ops(cfg.parallel.sp_method, group, {s.kind for s in slots}) for size, group in groups.items()}
+    if cfg.parallel.activation_checkpointing:
+        apply_activation_checkpointing(spec.blocks(model))
+    wrapped = apply_data_parallel(model, spec, mesh, cfg, compute_dtype)
+    runner = AdaptiveRunner(wrapped, model, ModelIO.of(spec), slots, ops_by_size, world, settings, None,
+                            autocast_dtype([wrapped], compute_dtype))
+    element_bytes = torch.finfo(compute_dtype).bits // 8
+    runner.cost = resolve_cost_model(cfg, runner.calibration_step, model, groups, world, runner.device, element_bytes)
     return ParallelModel(runner, [model])
 
 

@@ -16,6 +16,7 @@ from meshweave.core.comm import CommLedger
 from meshweave.core.dims import ParallelDims
 from meshweave.core.mesh import build_mesh, device_type_for
 from meshweave.core.schema import Config
+from meshweave.data.documents import TokenBudgetSampler, build_document_dataset
 from meshweave.data.text import DistributedSampler, build_dataset
 from meshweave.models.registry import model_spec
 from meshweave.models.spec import ModelSpec
@@ -65,6 +66,21 @@ def build_metrics(cfg: Config, spec: ModelSpec, device_type: str) -> MetricsLogg
     )
 
 
+def build_data(cfg: Config, spec: ModelSpec, mesh) -> tuple[Any, Any]:
+    """The dataset and its sampler: the spec's own data, whole documents (`data.packing: false`), or packed rows."""
+    t, d = cfg.train, cfg.data
+    if spec.build_dataset is not None:
+        dataset = spec.build_dataset(cfg)
+    elif not d.packing:
+        dataset = build_document_dataset(d.source, d.path, d.max_bytes, d.max_len, cfg.model.vocab_size, t.seed,
+                                         d.synthetic_mean_len, d.synthetic_max_len)
+        return dataset, TokenBudgetSampler(dataset.lengths, d.tokens_per_step, t.seed)
+    else:
+        dataset = build_dataset(d.source, d.path, d.max_bytes, t.seq_len, cfg.model.vocab_size, t.seed,
+                                d.synthetic_mean_len, d.synthetic_max_len, d.document_masking)
+    return dataset, DistributedSampler(len(dataset), t.global_batch, mesh.coordinate["dp"], mesh.dims.dp, t.seed)
+
+
 def build_trainer(cfg: Config, local_rank: int = 0) -> Trainer:
     """Everything this rank needs to train `cfg`: mesh, data, the parallelised model, optimizer, metrics."""
     cfg = resolve_defaults(cfg, dist.get_world_size())
@@ -78,10 +94,7 @@ def build_trainer(cfg: Config, local_rank: int = 0) -> Trainer:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run_dir) / "config.yaml").write_text(dump_yaml(cfg))
     t, spec = cfg.train, model_spec(cfg.model.kind)
-    dataset = spec.build_dataset(cfg) if spec.build_dataset is not None else build_dataset(
-        cfg.data.source, cfg.data.path, cfg.data.max_bytes, t.seq_len, cfg.model.vocab_size, t.seed,
-        cfg.data.synthetic_mean_len, cfg.data.synthetic_max_len, cfg.data.document_masking)
-    sampler = DistributedSampler(len(dataset), t.global_batch, mesh.coordinate["dp"], mesh.dims.dp, t.seed)
+    dataset, sampler = build_data(cfg, spec, mesh)
     pm = parallelize(build_model(spec, cfg, device), spec, mesh, cfg, compute_dtype(cfg, device_type))
     optimizer = build_optimizer(pm.model_parts, t, device_type)
     parts = TrainingParts(cfg, spec, mesh, device, pm.runner, pm.model_parts, optimizer, build_scheduler(optimizer, t),

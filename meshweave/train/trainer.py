@@ -111,16 +111,24 @@ class Trainer:
         if p.checkpointer is not None:
             p.checkpointer.after_optimizer_step(self.step, p.app_state, final_step=self.step == p.cfg.train.steps)
         maybe_inject_fault(self.step, p.metrics.rank)
-        per_sample = p.spec.tokens_per_sample(p.cfg.model) if p.spec.tokens_per_sample else p.cfg.train.seq_len
-        tokens = p.cfg.train.global_batch * per_sample
+        tokens = self._tokens_per_step(batch)
         return StepMetrics(self.step, loss, grad_norm, lr, tokens, time.perf_counter() - start)
+
+    def _tokens_per_step(self, batch: Batch) -> int:
+        p = self.p
+        if getattr(p.runner, "batch_is_global", False):
+            return batch.fields[p.spec.input_field].numel()  # whole documents: the step's size varies
+        per_sample = p.spec.tokens_per_sample(p.cfg.model) if p.spec.tokens_per_sample else p.cfg.train.seq_len
+        return p.cfg.train.global_batch * per_sample
 
     def global_target_count(self, batch: Batch) -> torch.Tensor:
         """Targets in the whole global batch (fp64 device tensor): what every rank divides its loss sum by.
 
         Communicates: one all-reduce of one value over the dp group (dp replicas hold different rows;
-        sp/tp/pp peers hold the same rows)."""
+        sp/tp/pp peers hold the same rows); nothing when the runner reads the whole global batch on every rank."""
         local = self.p.spec.count_targets(batch).to(torch.float64).reshape(1)
+        if getattr(self.p.runner, "batch_is_global", False):
+            return local[0]  # every rank holds the whole global batch (sp: adaptive)
         return self.p.mesh.group("dp").all_reduce(local)[0]
 
     def _global_loss_sum(self, local_loss: torch.Tensor) -> torch.Tensor:

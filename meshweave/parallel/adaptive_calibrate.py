@@ -1,0 +1,176 @@
+"""The adaptive planner's cost model, measured on the ranks and the model that will train (or taken from the config).
+
+FlexSP's coefficients are fitted per model and cluster, so they are measured here at start-up:
+- compute: every rank times forward+backward of one sequence at a few lengths with the local (one-rank)
+  op, and α₁L² + α₂L + β is fitted by least squares to the slowest rank's times;
+- bandwidth: every group size times an all-to-all of a few MiB inside its groups (the slowest group counts).
+The result is cached per machine and setting (JSON under ~/.cache/meshweave/adaptive/), so later runs start
+at once; `parallel.adaptive.cost` overrides any coefficient (a value of 0 means "measure it").
+
+Communicates: a broadcast of one flag (is there a cached model?), and, when measuring, FSDP2's collectives
+of the timed steps, one all-reduce of the times and one all-to-all per group size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from meshweave.core.batch import Batch
+from meshweave.core.comm import CommGroup
+from meshweave.core.schema import Config
+from meshweave.parallel.adaptive import CostModel
+
+ALL_TO_ALL_BYTES = 4 << 20
+REPS = 2
+
+
+def comm_bytes_per_token(cfg: Config, element_bytes: int) -> float:
+    """Bytes one token moves through the SP method per forward+backward, over all layers (Ulysses: q, k, v and
+    the output forward, their gradients backward; ring: K and V forward, K, V and their gradients backward)."""
+    m = cfg.model
+    head_dim = m.dim // m.n_heads
+    kv_heads = getattr(m, "n_kv_heads", None) or m.n_heads
+    if cfg.parallel.sp_method == "ulysses":
+        per_layer = 2 * (2 * m.n_heads + 2 * kv_heads) * head_dim
+    else:
+        per_layer = 6 * kv_heads * head_dim
+    return float(per_layer * m.n_layers * element_bytes)
+
+
+def cache_path(cfg: Config, world_size: int, device_name: str) -> Path:
+    """Where the measured coefficients of this machine, world size, model and SP method are kept."""
+    key = json.dumps([platform.node(), world_size, device_name, torch.__version__, cfg.parallel.sp_method,
+                      repr(cfg.model), cfg.parallel.activation_checkpointing, cfg.train.dtype], sort_keys=True)
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "meshweave" / "adaptive"
+    return root / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def fit_compute(lengths: list[int], seconds: list[float]) -> tuple[float, float, float]:
+    """Least-squares α₁, α₂, β of t = α₁L² + α₂L + β (negative coefficients, noise on a small machine, become 0)."""
+    x = torch.tensor([[float(n) ** 2, float(n), 1.0] for n in lengths], dtype=torch.float64)
+    y = torch.tensor(seconds, dtype=torch.float64).unsqueeze(1)
+    a1, a2, b = torch.linalg.lstsq(x, y).solution.squeeze(1).clamp(min=0).tolist()
+    return a1, a2, b
+
+
+def calibration_lengths(max_len: int) -> list[int]:
+    return sorted({max(16, max_len // 4), max(32, max_len // 2), max_len})
+
+
+def time_compute(step: Callable[[Batch], None], vocab: int, lengths: list[int], device: torch.device,
+                 world: CommGroup) -> list[float]:
+    """The slowest rank's best-of-REPS forward+backward time at each length (every rank runs every shape:
+    FSDP2's collectives need them all)."""
+    g = torch.Generator().manual_seed(0)
+    step(_random_row(16, vocab, g, device))  # warm-up
+    times = []
+    for n in lengths:
+        row, best = _random_row(n, vocab, g, device), float("inf")
+        for _ in range(REPS):
+            _sync(device)
+            start = time.perf_counter()
+            step(row)
+            _sync(device)
+            best = min(best, time.perf_counter() - start)
+        times.append(best)
+    return world.all_reduce(torch.tensor(times, dtype=torch.float64, device=device),
+                            op=torch.distributed.ReduceOp.MAX).tolist()
+
+
+def time_all_to_all(groups: dict[int, CommGroup], world: CommGroup, device: torch.device) -> dict[int, float]:
+    """Bytes per second of an all-to-all inside each group size (the slowest group's), as the planner reads it:
+    bytes this rank sends to the others over the time."""
+    measured = {}
+    for size in sorted(s for s in groups if s > 1):
+        group = groups[size]
+        buf = torch.ones(ALL_TO_ALL_BYTES // 4, dtype=torch.float32, device=device)
+        group.all_to_all_single(buf)  # warm-up (connects the group)
+        _sync(device)
+        start = time.perf_counter()
+        group.all_to_all_single(buf)
+        _sync(device)
+        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
+        slowest = float(world.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)[0])
+        measured[size] = ALL_TO_ALL_BYTES * (size - 1) / size / max(slowest, 1e-9)
+    return measured
+
+
+def _random_row(n: int, vocab: int, g: torch.Generator, device: torch.device) -> Batch:
+    tokens = torch.randint(0, vocab, (1, n + 1), generator=g)
+    return Batch.text(tokens[:, :-1].to(device), tokens[:, 1:].to(device), torch.arange(n).unsqueeze(0).to(device),
+                      torch.zeros(1, n, dtype=torch.int64, device=device))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measured_cost(cfg: Config, step: Callable[[Batch], None], model: nn.Module, groups: dict[int, CommGroup],
+                  world: CommGroup, device: torch.device) -> dict[str, object]:
+    """Measure the coefficients (see the module docstring); the gradients the timed steps left are dropped."""
+    lengths = calibration_lengths(cfg.data.max_len)
+    times = time_compute(step, cfg.model.vocab_size, lengths, device, world)
+    for param in model.parameters():
+        param.grad = None
+    alpha1, alpha2, beta = fit_compute(lengths, times)
+    bandwidth = time_all_to_all(groups, world, device)
+    return {"alpha1": alpha1, "alpha2": alpha2, "beta": beta, "bandwidth": {str(s): b for s, b in bandwidth.items()},
+            "lengths": lengths, "seconds": times}
+
+
+def resolve_cost_model(cfg: Config, step: Callable[[Batch], None], model: nn.Module, groups: dict[int, CommGroup],
+                       world: CommGroup, device: torch.device, element_bytes: int) -> CostModel:
+    """The config's coefficients where given, else cached or measured ones (every rank must call this)."""
+    c = cfg.parallel.adaptive.cost
+    if c.alpha1 and c.alpha2 and c.beta and c.bandwidth_gbps:
+        return cost_model(cfg, {}, element_bytes, world.size)  # all given: nothing to measure
+    path = cache_path(cfg, world.size, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    cached = _read_cache(path) if world.rank == 0 else None
+    have = world.broadcast(torch.tensor([int(cached is not None)], device=device), src=0)
+    if int(have[0]):
+        values = cached or {}
+    else:
+        values = measured_cost(cfg, step, model, groups, world, device)
+        if world.rank == 0:
+            _write_cache(path, values)
+    return cost_model(cfg, values, element_bytes, world.size)
+
+
+def cost_model(cfg: Config, measured: dict[str, object], element_bytes: int, n_ranks: int) -> CostModel:
+    """Config overrides on top of measured coefficients."""
+    c = cfg.parallel.adaptive.cost
+    bandwidth = {int(s): float(b) for s, b in (measured.get("bandwidth") or {}).items()}
+    sizes = [1 << i for i in range(1, n_ranks.bit_length()) if (1 << i) <= n_ranks]
+    if c.bandwidth_gbps:
+        bandwidth = {s: c.bandwidth_gbps * 1e9 for s in sizes}
+    return CostModel(alpha1=c.alpha1 or float(measured.get("alpha1", 0.0)),
+                     alpha2=c.alpha2 or float(measured.get("alpha2", 0.0)),
+                     beta=c.beta or float(measured.get("beta", 0.0)),
+                     comm_bytes_per_token=comm_bytes_per_token(cfg, element_bytes),
+                     bandwidth=bandwidth)
+
+
+def _read_cache(path: Path) -> dict[str, object] | None:
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return values if isinstance(values, dict) and {"alpha1", "alpha2", "beta", "bandwidth"} <= set(values) else None
+
+
+def _write_cache(path: Path, values: dict[str, object]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values, indent=1))
+    except OSError:
+        pass  # a cache that cannot be written only means measuring again next time

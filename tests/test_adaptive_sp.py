@@ -1,0 +1,148 @@
+"""`parallel.sp: adaptive` at run time: whole documents, per-step plans over SP groups of varying size.
+
+The data and the rows each group computes are checked directly; the trainer under `sp: adaptive` on 2 and
+4 ranks (ulysses and ring inside the groups) must equal one process on the same global batches: losses of
+every step to fp32 tolerance and every parameter gradient after them, as the other layouts' tests do. The
+cost model is given in the config, so plans do not depend on timings; the batches are long-tailed so that
+the plans use groups of different sizes within a step (asserted).
+"""
+
+import pytest
+import torch
+
+from meshweave.core.batch import IGNORE_INDEX
+from meshweave.core.errors import ConfigError
+from meshweave.data.documents import DocumentDataset, TokenBudgetSampler
+from meshweave.data.text import SamplerStateError
+from meshweave.testing import run_distributed
+from meshweave.testing_equivalence import train_and_collect
+from meshweave.train.config import load_config
+from meshweave.train.validate import check
+
+STEPS = 6
+ADAPTIVE = ["parallel.sp=adaptive", "data.packing=false", "data.source=synthetic", "data.synthetic_mean_len=20",
+            "data.synthetic_max_len=200", "data.max_len=64", "data.tokens_per_step=192",
+            "parallel.adaptive.tokens_per_rank=32", "parallel.adaptive.cost.alpha1=1e-7",
+            "parallel.adaptive.cost.alpha2=1e-5", "parallel.adaptive.cost.beta=1e-3",
+            "parallel.adaptive.cost.bandwidth_gbps=1"]
+
+
+# --- data --------------------------------------------------------------------------------------------
+def test_documents_are_cut_into_pieces_that_predict_within_their_document():
+    docs = [torch.arange(10), torch.arange(100, 103), torch.tensor([7])]
+    data = DocumentDataset(docs, max_len=4)
+    assert data.lengths.tolist() == [4, 4, 1, 2]  # 9 pairs of doc 0 in pieces of 4; doc 2 has no pair
+    batch = data.batch([1, 3])
+    assert batch.tokens.tolist() == [[4, 5, 6, 7, 100, 101]]
+    assert batch.labels.tolist() == [[5, 6, 7, 8, 101, 102]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 0, 1]]
+    assert batch.document_ids.tolist() == [[0, 0, 0, 0, 1, 1]]
+
+
+def test_token_budget_sampler_takes_whole_sequences_and_resumes_exactly():
+    lengths = torch.tensor([5, 9, 3, 12, 7, 1, 8, 4])
+    sampler = TokenBudgetSampler(lengths, tokens_per_step=16, seed=3)
+    steps = [sampler.next_global_rows() for _ in range(6)]
+    for rows in steps:
+        assert len(rows) >= 1 and (len(rows) == 1 or int(lengths[rows].sum()) <= 16)
+    first_epoch = [i for rows in steps for i in rows][:len(lengths)]
+    assert sorted(first_epoch) == list(range(len(lengths)))  # every sequence once per epoch
+    again = TokenBudgetSampler(lengths, 16, seed=3)
+    for _ in range(3):
+        again.next_global_rows()
+    resumed = TokenBudgetSampler(lengths, 16, seed=3)
+    resumed.load_state_dict(again.state_dict())
+    assert [resumed.next_global_rows() for _ in range(3)] == steps[3:]
+    with pytest.raises(SamplerStateError, match="tokens_per_step"):
+        TokenBudgetSampler(lengths, 32, seed=3).load_state_dict(again.state_dict())
+
+
+def test_a_group_row_is_its_sequences_renumbered_and_padded_without_targets():
+    from meshweave.parallel.adaptive_sp import sequence_lengths, sequence_rows
+
+    data = DocumentDataset([torch.arange(6), torch.arange(50, 54), torch.arange(90, 93)], max_len=8)
+    batch = data.batch([0, 1, 2])
+    lengths = sequence_lengths(batch)
+    assert lengths == [5, 3, 2]
+    rows = sequence_rows(batch, lengths, (2, 0), multiple=4)
+    assert rows.tokens.tolist() == [[90, 91, 0, 1, 2, 3, 4, 0]]
+    assert rows.labels.tolist() == [[91, 92, 1, 2, 3, 4, 5, IGNORE_INDEX]]
+    assert rows.document_ids.tolist() == [[0, 0, 1, 1, 1, 1, 1, 2]]
+    assert rows.position_ids.tolist() == [[0, 1, 0, 1, 2, 3, 4, 0]]
+
+
+# --- config ------------------------------------------------------------------------------------------
+def test_sp_adaptive_is_shorthand_for_the_adaptive_section():
+    cfg = load_config(None, ADAPTIVE)
+    assert cfg.parallel.sp == 1 and cfg.parallel.adaptive.enabled
+    check(cfg, 4)
+
+
+@pytest.mark.parametrize("extra,world,expected", [
+    (["data.packing=true"], 4, "set data.packing: false"),
+    (["parallel.tp=2"], 4, "tp 1 and pp 1"),
+    (["parallel.sp_method=usp"], 4, "cannot run inside adaptive groups"),
+    ([], 6, "power-of-two number of ranks"),
+    (["parallel.adaptive.tokens_per_rank=8"], 4, "cannot hold a sequence of data.max_len 64"),
+    (["parallel.adaptive.strategy=static", "parallel.adaptive.static_size=8"], 4, "static_size: 8"),
+])
+def test_impossible_adaptive_settings_are_one_line(extra, world, expected):
+    with pytest.raises(ConfigError, match=expected) as err:
+        check(load_config(None, ADAPTIVE + extra), world)
+    assert "\n" not in str(err.value)
+
+
+def test_unpacked_data_without_adaptive_is_refused():
+    with pytest.raises(ConfigError, match="is for parallel.sp: adaptive"):
+        check(load_config(None, ["data.packing=false"]), 2)
+
+
+# --- training ----------------------------------------------------------------------------------------
+def _step_plans(overrides: list[str], steps: int) -> list[tuple[int, list[list[int]]]]:
+    """Each step's plan on this rank: its digest and the group sizes of each micro-batch."""
+    import tempfile
+
+    from meshweave.train.build import build_trainer
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = build_trainer(load_config(None, ADAPTIVE + [f"run_dir={run_dir}", "logging.jsonl=false",
+                                                              f"train.steps={steps}", *overrides]))
+        plans = []
+        for _ in range(steps):
+            trainer.train_step()
+            plan = trainer.p.runner.last_plan
+            plans.append((plan.digest(), [[g.size for g in mb.groups] for mb in plan.microbatches]))
+        trainer.p.mesh.close()
+        return plans
+
+
+def test_plans_are_identical_on_every_rank_and_mix_group_sizes():
+    per_rank = run_distributed(_step_plans, 4, ["model.dim=32", "model.n_layers=1"], 4)
+    assert all(plans == per_rank[0] for plans in per_rank)
+    sizes = [sorted(set(s)) for _, step in per_rank[0] for s in step]
+    assert any(len(s) > 1 for s in sizes), f"no micro-batch mixed group sizes: {sizes}"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """One process on the same global batches (it must hold the longest sequence alone: the memory bound
+    changes the plan, never the gradient)."""
+    return run_distributed(train_and_collect, 1, ADAPTIVE + ["parallel.adaptive.tokens_per_rank=64"], STEPS)[0]
+
+
+def assert_same_training(results, reference):
+    for res in results:
+        torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(reference["losses"]), rtol=2e-5, atol=0)
+        for name, g in res["grads"].items():
+            torch.testing.assert_close(g, reference["grads"][name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("method,world", [("ulysses", 2), pytest.param("ring", 4, marks=pytest.mark.slow),
+                                          pytest.param("ulysses", 4, marks=pytest.mark.slow)])
+def test_adaptive_training_equals_one_process(method, world, reference):
+    results = run_distributed(train_and_collect, world, ADAPTIVE + [f"parallel.sp_method={method}"], STEPS)
+    assert_same_training(results, reference)
+
+
+def test_reference_learns(reference):
+    assert reference["losses"][-1] < reference["losses"][0]
