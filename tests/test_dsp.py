@@ -8,7 +8,8 @@
   the formula (one all-to-all per switch forward and one backward, of the padded activations); the same for
   sp_method ulysses (generic: flattened tokens sharded, 8 all-to-alls per attention) and the embedded baselines
   (frames sharded, Ulysses or ring in the temporal attention); DSP's bytes <= 1/4 of generic Ulysses';
-- the real trainer: st_dit under sp=2 dsp / ulysses equals one process's losses and gradients (fp32 tolerance);
+- the real trainer: st_dit under sp=2 dsp / ulysses, tp=2, and tp2 x sp2 dsp equals one process's losses and
+  gradients (fp32 tolerance);
 - config errors name the fix; the built-in videos are deterministic per row.
 """
 
@@ -325,6 +326,17 @@ def test_trainer_sp2_equals_one_process(method, reference):
                                                             "parallel.dp=1"]), reference)
 
 
+def test_trainer_tp2_equals_one_process(reference):
+    """Tensor parallelism: q/k/v and fc1 column-wise (whole heads per rank), proj and fc2 row-wise, the rest
+    replicated."""
+    _assert_same_training(run_distributed(train_st_dit, 2, ["parallel.tp=2", "parallel.dp=1"]), reference)
+
+
+def _world(overrides: list[str]) -> int:
+    degrees = {k: int(v) for k, v in (o.split("=") for o in overrides) if k in ("parallel.dp", "parallel.sp", "parallel.tp")}
+    return degrees.get("parallel.dp", 1) * degrees.get("parallel.sp", 1) * degrees.get("parallel.tp", 1)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     ["parallel.sp=4", "parallel.sp_method=dsp", "parallel.dp=1"],
@@ -332,10 +344,10 @@ def test_trainer_sp2_equals_one_process(method, reference):
     ["parallel.sp=2", "parallel.dp=2", "parallel.sp_method=dsp", "parallel.dp_mode=ddp"],
     ["parallel.sp=2", "parallel.sp_method=dsp", "parallel.dp=1", "parallel.activation_checkpointing=true"],
     ["parallel.sp=2", "parallel.sp_method=ring", "parallel.dp=1"],
-], ids=["sp4", "sp2-dp2-fsdp", "sp2-dp2-ddp", "sp2-ac", "sp2-embedded-ring"])
+    ["parallel.tp=2", "parallel.sp=2", "parallel.sp_method=dsp", "parallel.dp=1"],
+], ids=["sp4", "sp2-dp2-fsdp", "sp2-dp2-ddp", "sp2-ac", "sp2-embedded-ring", "tp2-sp2-dsp"])
 def test_trainer_dsp_composed_equals_one_process(overrides, reference):
-    world = 2 if "parallel.dp=1" in overrides and "parallel.sp=2" in overrides else 4
-    _assert_same_training(run_distributed(train_st_dit, world, overrides), reference)
+    _assert_same_training(run_distributed(train_st_dit, _world(overrides), overrides), reference)
 
 
 @pytest.mark.slow
@@ -384,8 +396,13 @@ def test_dsp_and_st_dit_layout_errors_name_the_fix():
     assert problem.startswith("parallel.sp_method: dsp") and "model.kind: st_dit" in problem
     (problem,) = validate(load_config(None, ["model.kind=st_dit", "parallel.sp=2", "parallel.sp_method=tokenring"]), 2)
     assert problem.startswith("parallel.sp_method: tokenring is not available for model kind st_dit") and "dsp" in problem
-    with pytest.raises(ConfigError, match=r"^parallel.tp: model kind st_dit"):
-        check(load_config(None, ["model.kind=st_dit", "parallel.tp=2"]), 2)
+    with pytest.raises(ConfigError, match=r"^model.n_heads: 3 heads do not split over parallel.tp 2 .* pick tp dividing"):
+        check(load_config(None, ["model.kind=st_dit", "model.dim=96", "model.n_heads=3", "parallel.tp=2"]), 2)
+    with pytest.raises(ConfigError, match=r"^parallel.pp: model kind st_dit has no pipeline split yet; use pp: 1$"):
+        check(load_config(None, ["model.kind=st_dit", "parallel.pp=2"]), 2)
+    # tp where the heads allow, composed with dsp (train.seq_len, which st_dit does not use, is not checked)
+    tp_sp = ["model.kind=st_dit", "parallel.tp=2", "parallel.sp=2", "parallel.sp_method=dsp", "train.seq_len=6"]
+    assert validate(load_config(None, tp_sp), 4) == []
     with pytest.raises(ConfigError, match=r"^model.patch: 3 must divide"):
         check(load_config(None, ["model.kind=st_dit", "model.patch=3"]), 1)
     # no head or divisibility constraint: 3 heads, 5 frames, sp 4

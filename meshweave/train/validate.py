@@ -118,7 +118,10 @@ def _tensor_parallel(cfg: Config, world: int) -> list[str]:
     tp = cfg.parallel.tp
     if tp == 1:
         return []
-    if cfg.train.seq_len % (tp * cfg.parallel.sp):
+    # Factorised models (st_dit) keep their activations whole over tp (no sequence-parallel norms) and count no
+    # train.seq_len tokens: their own validate checks what tp splits (the heads).
+    text = model_spec(cfg.model.kind).factorised_dims is None
+    if text and cfg.train.seq_len % (tp * cfg.parallel.sp):
         return [f"train.seq_len: {cfg.train.seq_len} is not divisible by parallel.tp*sp = {tp * cfg.parallel.sp} "
                 f"(sequence-parallel norms shard each rank's tokens over tp)"]
     if cfg.parallel.dp_mode == "ddp" and resolved_dp(cfg.parallel, world) * cfg.parallel.sp > 1:

@@ -48,9 +48,12 @@ def validate(cfg: STDiTConfig, layout: ParallelLayout) -> list[str]:
         return [f"model.patch: {cfg.patch} must divide model.height ({cfg.height}) and model.width ({cfg.width})"]
     if cfg.dim % cfg.n_heads:
         return [f"model.n_heads: dim {cfg.dim} is not divisible by n_heads {cfg.n_heads}; pick n_heads dividing dim"]
-    if layout.tp > 1:
-        return ["parallel.tp: model kind st_dit has no tensor-parallel plan yet; use tp: 1 (sp_method: dsp shards "
-                "its activations instead)"]
+    if cfg.n_heads % layout.tp:
+        return [f"model.n_heads: {cfg.n_heads} heads do not split over parallel.tp {layout.tp} (each tensor-parallel "
+                f"rank holds whole heads); pick tp dividing n_heads"]
+    if cfg.mlp_hidden % layout.tp:
+        return [f"model.mlp_ratio: the MLP's {cfg.mlp_hidden} hidden units do not split over parallel.tp {layout.tp}; "
+                f"pick mlp_ratio * dim divisible by tp"]
     if layout.pp > 1:
         return ["parallel.pp: model kind st_dit has no pipeline split yet; use pp: 1"]
     if layout.sp > 1 and layout.sp_method not in ("dsp", "ulysses", "ring"):
@@ -67,7 +70,7 @@ SPEC = ModelSpec(
     target_field="velocity",
     loss_sum=lambda *a: _parts().velocity_mse_sum(*a),
     count_targets=lambda *a: _parts().count_targets(*a),
-    tp_plan=lambda model: {},
+    tp_plan=lambda *a: _parts().tensor_parallel_plan(*a),
     loss_parallel=False,
     fsdp_units=lambda *a: _parts().fsdp_units(*a),
     blocks=lambda *a: _parts().blocks(*a),
