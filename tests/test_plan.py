@@ -129,3 +129,20 @@ def test_plan_splits_heads_under_ulysses_only_for_models_with_softmax_layers():
     assert hybrid.returncode == 2 and hybrid.stdout == ""
     assert hybrid.stderr.strip().splitlines() == [("meshweave: config error: parallel.sp: ulysses needs model.n_heads (6) "
                                                    "divisible by sp (4); use sp_method: ring, or usp with ulysses <= 2")]
+
+
+def test_plan_memory_of_a_video_model_counts_its_tokens_per_sample_not_seq_len():
+    """st_dit's samples are frames x patches tokens (train.seq_len is not read): the activation estimate follows
+    model.frames and ignores train.seq_len; the sequence-parallel line names generic Ulysses' op."""
+    from meshweave.launch.plan import memory_per_rank
+
+    def activations(*overrides: str) -> float:
+        cfg = load_config(None, ["model.kind=st_dit", "parallel.sp=2", "parallel.sp_method=dsp", *overrides])
+        return memory_per_rank(cfg, parallel_dims(cfg, 2), 0).activation_bytes
+
+    base = activations("model.frames=8", "train.seq_len=64")
+    assert activations("model.frames=8", "train.seq_len=4096") == base
+    assert activations("model.frames=16", "train.seq_len=64") == pytest.approx(2 * base)
+    cfg = load_config(None, ["model.kind=st_dit", "parallel.sp=2", "parallel.sp_method=ulysses"])
+    line = next(x for x in render_plan(cfg, parallel_dims(cfg, 2)).splitlines() if x.startswith("sequence parallel"))
+    assert "spatial layers: ulysses over the flattened tokens" in line, line

@@ -108,7 +108,9 @@ def memory_per_rank(cfg: Config, dims: ParallelDims, stage: int, splits: Sequenc
     state = params * 16 / shard
     act_bytes = 2 if t.dtype == "bfloat16" or (t.dtype == "auto" and t.device == "cuda") else 4
     rows = t.global_batch // dims.dp // (p.microbatches if dims.pp > 1 else t.grad_accum)
-    tokens = rows * t.seq_len / dims.sp
+    # A video model's samples are frames x patches tokens, not train.seq_len (which it does not read).
+    per_sample = spec.tokens_per_sample(m) if spec.tokens_per_sample is not None else t.seq_len
+    tokens = rows * per_sample / dims.sp
     # Per token per layer ~17*width values kept for backward with flash attention (Korthikanti et al.'s
     # 34*d bytes in 16-bit), sharded over tp by sequence-parallel norms; only block inputs kept with AC.
     width = spec.hidden_width(m)
@@ -148,8 +150,10 @@ def slot_op_name(kind: str, method: str, kinds: frozenset[str]) -> str:
     """What a slot of `kind` runs under sp_method `method` in a model with slot kinds `kinds`."""
     if method == "dsp":
         return "local (DSP switches the sharded dim between blocks)"
-    if method in ("ulysses", "ring") and kind not in ("softmax", "linear"):  # factorised layers: embedded baselines
-        return f"{method} where the attended dim is sharded, else local"
+    if method == "ulysses" and kind not in ("softmax", "linear"):  # factorised layers: Ulysses as a generic runtime
+        return "ulysses over the flattened tokens (all-to-all q, k, v and the output)"
+    if method == "ring" and kind not in ("softmax", "linear"):  # factorised layers: the frames-sharded baseline
+        return "ring where the attended dim is sharded, else local"
     if kind == "linear":
         return "LASP-2"
     if kind == "softmax" and method == "allgather":
