@@ -117,7 +117,7 @@ def _step_plans(overrides: list[str], steps: int) -> list[tuple[int, list[list[i
 
 
 def test_plans_are_identical_on_every_rank_and_mix_group_sizes():
-    per_rank = run_distributed(_step_plans, 4, ["model.dim=32", "model.n_layers=1"], 4)
+    per_rank = run_distributed(_step_plans, 2, ["model.dim=32", "model.n_layers=1"], 4)
     assert all(plans == per_rank[0] for plans in per_rank)
     sizes = [sorted(set(s)) for _, step in per_rank[0] for s in step]
     assert any(len(s) > 1 for s in sizes), f"no micro-batch mixed group sizes: {sizes}"
@@ -146,3 +146,71 @@ def test_adaptive_training_equals_one_process(method, world, reference):
 
 def test_reference_learns(reference):
     assert reference["losses"][-1] < reference["losses"][0]
+
+
+# --- resume and calibration --------------------------------------------------------------------------
+def _train_to(overrides: list[str], stop_after: int | None, checkpoint_dir: str) -> list[float]:
+    """6 steps (checkpointing every 2 into `checkpoint_dir` and resuming from it), or only the first `stop_after`."""
+    import tempfile
+
+    from meshweave.train.build import build_trainer
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        ckpt = [f"checkpoint.dir={checkpoint_dir}", "checkpoint.every_steps=2", "checkpoint.mode=sync"]
+        trainer = build_trainer(load_config(None, ADAPTIVE + ["train.steps=6", f"run_dir={run_dir}", "logging.jsonl=false",
+                                                              *ckpt, *overrides]))
+        if stop_after is None:
+            losses = trainer.train()
+        else:
+            losses = [float(trainer.train_step().loss) for _ in range(stop_after)]
+            trainer.p.checkpointer.close()
+        trainer.p.mesh.close()
+        return losses
+
+
+@pytest.mark.slow
+def test_adaptive_training_resumes_on_another_number_of_ranks(tmp_path):
+    """Stopped after 4 of 6 steps on 2 ranks, resumed on 4: the sampler's position is a count of sequences in one
+    global order, so steps 5-6 see the same documents and match the uninterrupted 2-rank run."""
+    straight = run_distributed(_train_to, 2, [], None, str(tmp_path / "straight"))[0]
+    assert len(run_distributed(_train_to, 2, [], 4, str(tmp_path / "cut"))[0]) == 4
+    resumed = run_distributed(_train_to, 4, [], None, str(tmp_path / "cut"))[0]
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(straight[4:]), rtol=2e-5, atol=0)
+
+
+def test_compute_fit_recovers_known_coefficients():
+    from meshweave.parallel.adaptive_calibrate import fit_compute
+
+    lengths = [64, 256, 1024]
+    seconds = [3e-8 * n * n + 2e-5 * n + 4e-3 for n in lengths]
+    for got, want in zip(fit_compute(lengths, seconds), (3e-8, 2e-5, 4e-3), strict=True):
+        assert got == pytest.approx(want, rel=1e-6)
+
+
+def _calibrate(cache_home: str) -> list[dict]:
+    """Build the adaptive trainer twice with no cost in the config: measured the first time, cached the second."""
+    import os
+    import tempfile
+
+    from meshweave.train.build import build_trainer
+
+    os.environ["XDG_CACHE_HOME"] = cache_home
+    no_cost = [o for o in ADAPTIVE if ".cost." not in o] + ["model.dim=32", "model.n_layers=1", "data.max_len=64"]
+    costs = []
+    for _ in range(2):
+        with tempfile.TemporaryDirectory() as run_dir:
+            trainer = build_trainer(load_config(None, no_cost + [f"run_dir={run_dir}", "logging.jsonl=false"]))
+            costs.append(trainer.p.runner.cost)
+            grads = [prm.grad for prm in trainer.p.model_parts[0].parameters()]
+            trainer.p.mesh.close()
+    del os.environ["XDG_CACHE_HOME"]
+    return costs + [all(g is None for g in grads)]
+
+
+@pytest.mark.slow  # times a few forward+backward steps
+def test_cost_model_is_measured_once_then_read_from_the_cache(tmp_path):
+    measured, cached, grads_dropped = run_distributed(_calibrate, 2, str(tmp_path))[0]
+    assert measured == cached  # the second build read the first one's cache
+    assert measured.alpha1 + measured.alpha2 > 0 and measured.bandwidth_at(2) > 0
+    assert grads_dropped  # the timed steps leave no gradient behind
+    assert len(list((tmp_path / "meshweave" / "adaptive").glob("*.json"))) == 1

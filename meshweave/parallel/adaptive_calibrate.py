@@ -1,8 +1,8 @@
 """The adaptive planner's cost model, measured on the ranks and the model that will train (or taken from the config).
 
 FlexSP's coefficients are fitted per model and cluster, so they are measured here at start-up:
-- compute: every rank times forward+backward of one sequence at a few lengths with the local (one-rank)
-  op, and α₁L² + α₂L + β is fitted by least squares to the slowest rank's times;
+- compute: every rank times forward+backward of one sequence at three lengths with the local (one-rank)
+  op, and α₁L² + α₂L + β is fitted (non-negative least squares) to the slowest rank's times;
 - bandwidth: every group size times an all-to-all of a few MiB inside its groups (the slowest group counts).
 The result is cached per machine and setting (JSON under ~/.cache/meshweave/adaptive/), so later runs start
 at once; `parallel.adaptive.cost` overrides any coefficient (a value of 0 means "measure it").
@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -55,15 +56,20 @@ def cache_path(cfg: Config, world_size: int, device_name: str) -> Path:
 
 
 def fit_compute(lengths: list[int], seconds: list[float]) -> tuple[float, float, float]:
-    """Least-squares α₁, α₂, β of t = α₁L² + α₂L + β (negative coefficients, noise on a small machine, become 0)."""
-    x = torch.tensor([[float(n) ** 2, float(n), 1.0] for n in lengths], dtype=torch.float64)
-    y = torch.tensor(seconds, dtype=torch.float64).unsqueeze(1)
-    a1, a2, b = torch.linalg.lstsq(x, y).solution.squeeze(1).clamp(min=0).tolist()
-    return a1, a2, b
+    """α₁, α₂, β ≥ 0 of t = α₁L² + α₂L + β by non-negative least squares (scipy's NNLS): a plain fit of noisy
+    times on a loaded machine can come out negative, which no planner can use. The columns are scaled to the
+    largest length first, so that the three coefficients weigh alike in the fit."""
+    from scipy.optimize import nnls
+
+    top = float(max(lengths))
+    x = np.array([[(n / top) ** 2, n / top, 1.0] for n in lengths])
+    (a1, a2, b), _ = nnls(x, np.array(seconds, dtype=np.float64))
+    return float(a1 / top ** 2), float(a2 / top), float(b)
 
 
 def calibration_lengths(max_len: int) -> list[int]:
-    return sorted({max(16, max_len // 4), max(32, max_len // 2), max_len})
+    """Three lengths up to the longest sequence, long enough that compute shows above the fixed costs."""
+    return sorted({max(128, max_len // 4), max(256, max_len // 2), max(1024, max_len)})
 
 
 def time_compute(step: Callable[[Batch], None], vocab: int, lengths: list[int], device: torch.device,
@@ -93,10 +99,11 @@ def time_all_to_all(groups: dict[int, CommGroup], world: CommGroup, device: torc
     for size in sorted(s for s in groups if s > 1):
         group = groups[size]
         buf = torch.ones(ALL_TO_ALL_BYTES // 4, dtype=torch.float32, device=device)
-        group.all_to_all_single(buf)  # warm-up (connects the group)
+        out = torch.empty_like(buf)
+        group.all_to_all_single(out, buf)  # warm-up (connects the group)
         _sync(device)
         start = time.perf_counter()
-        group.all_to_all_single(buf)
+        group.all_to_all_single(out, buf)
         _sync(device)
         elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
         slowest = float(world.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)[0])
