@@ -147,9 +147,12 @@ def resolve_cost_model(cfg: Config, step: Callable[[Batch], None], model: nn.Mod
     if int(have[0]):
         values = cached or {}
     else:
+        start = time.perf_counter()
         values = measured_cost(cfg, step, model, groups, world, device)
         if world.rank == 0:
             _write_cache(path, values)
+            print(f"meshweave: measured the adaptive planner's cost model in {time.perf_counter() - start:.1f} s "
+                  f"(cached in {path}; set parallel.adaptive.cost to skip)", flush=True)
     return cost_model(cfg, values, element_bytes, world.size)
 
 
