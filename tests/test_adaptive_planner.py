@@ -4,14 +4,27 @@ fallback, peers. Pure Python + scipy: no processes."""
 from __future__ import annotations
 
 import itertools
+import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy.optimize import OptimizeResult
 
-from meshweave.parallel.adaptive import (AdaptivePlanWarning, CostModel, StepPlan, buddy_layout, candidate_sizes,
-                                         flexsp_gpt7b_capacity, min_group_size, plan_step, validate_plan)
+from meshweave.parallel.adaptive import (
+    AdaptivePlanWarning,
+    CostModel,
+    StepPlan,
+    buddy_layout,
+    candidate_sizes,
+    flexsp_gpt7b_capacity,
+    min_group_size,
+    plan_step,
+    validate_plan,
+)
 from meshweave.parallel.adaptive import milp as milp_module
 from meshweave.parallel.adaptive.blaster import partitions
 from meshweave.parallel.adaptive.buckets import bucket_lengths
@@ -217,6 +230,28 @@ def test_peers_are_legal_and_slower_than_adaptive_on_a_long_tail():
     assert plans["milp"].predicted_s < plans["megatron"].predicted_s
 
 
+@quiet_fallback
+@pytest.mark.parametrize("seed", range(6))
+def test_random_small_steps_give_legal_plans_or_clear_errors(seed):
+    """Every strategy on odd little steps (size caps below N, memory tight, few sequences): a legal plan, or one
+    of the documented errors (a static size too small, or no micro-batching that keeps every rank busy)."""
+    cost = CostModel.flexsp_gpt7b()
+    for case in range(12):
+        rng = np.random.default_rng(100 * seed + case)
+        n_ranks = int(rng.choice([2, 4, 8, 16]))
+        max_group = min(int(rng.choice([1, 2, 4, 8, 16])), n_ranks)
+        lengths = rng.integers(1, 5000, int(rng.integers(n_ranks // max_group, n_ranks // max_group + 12))).tolist()
+        capacity = int(rng.integers(-(-max(lengths) // max_group), 3 * max(lengths)))
+        for strategy in ["milp", "greedy", "megatron"] + [f"static-{s}" for s in candidate_sizes(n_ranks, max_group)]:
+            try:
+                plan = plan_step(lengths, n_ranks, cost, capacity, max_group=max_group, strategy=strategy,
+                                 time_limit_s=0.05)
+            except ValueError as err:
+                assert re.search("cannot hold|needs at least|found no micro-batching|too few sequences", str(err))
+                continue
+            validate_plan(plan, lengths, capacity, max_group)
+
+
 def test_clear_errors():
     cost = CostModel.flexsp_gpt7b()
     with pytest.raises(ValueError, match=r"70000 tokens.*8 ranks.*1000 tokens per rank.*data.max_len"):
@@ -257,6 +292,11 @@ def test_bucketing_is_the_least_padding():
                    for cuts in itertools.combinations(range(1, len(values)), min(start, len(values)) - 1))
         assert pad == best - sum(lengths)
     assert len(bucket_lengths([5, 5, 7, 9], 100)) == 3                    # few distinct lengths: exact buckets
+    many = rng.integers(1, 100000, 3000).tolist()                          # above ATOMS distinct lengths
+    buckets = bucket_lengths(many, 10 ** 12)
+    assert sorted(i for b in buckets for i in b.members) == list(range(3000))
+    assert all(many[i] <= b.boundary for b in buckets for i in b.members) and len(buckets) <= 48
+    assert [b.boundary for b in buckets] == sorted((b.boundary for b in buckets), reverse=True)
 
 
 def test_blaster_minimises_the_largest_chunk():
@@ -270,8 +310,8 @@ def test_blaster_minimises_the_largest_chunk():
             best = None
             for inner in itertools.combinations(range(1, n), count - 1):
                 bounds = (0, *inner, n)
-                if min(b - a for a, b in zip(bounds, bounds[1:])) >= min_count:
-                    worst = max(sum(lengths[a:b]) for a, b in zip(bounds, bounds[1:]))
+                if min(b - a for a, b in itertools.pairwise(bounds)) >= min_count:
+                    worst = max(sum(lengths[a:b]) for a, b in itertools.pairwise(bounds))
                     best = worst if best is None else min(best, worst)
             if best is None:
                 assert count not in cuts
@@ -302,3 +342,9 @@ def test_solve_time_512_sequences_on_64_ranks():
     validate_plan(plan, lengths, flexsp_gpt7b_capacity(64), 32)
     print(f"\n512 sequences on 64 ranks: solve {plan.solve_s * 1e3:.1f} ms wall, {cpu * 1e3:.1f} ms CPU, "
           f"solver {plan.solver}, {len(plan.microbatches)} micro-batches, predicted step {plan.predicted_s:.2f} s")
+
+
+def test_planner_imports_no_torch():
+    """The planner is pure Python + numpy + scipy: rank 0 can plan without torch, and nothing distributed."""
+    code = "import sys, meshweave.parallel.adaptive; sys.exit('torch' in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -34,37 +34,53 @@ def bucket_lengths(lengths: Sequence[int], memory_tokens: int, *, start: int = S
     """Split lengths into buckets, longest bucket first (see the module docstring for the rule).
 
     `memory_tokens` is the micro-batch's memory, N × capacity tokens. With no more distinct lengths than
-    `start` every distinct length gets its own bucket and nothing is padded.
+    `start` every distinct length gets its own bucket and nothing is padded. Above `ATOMS` distinct lengths
+    the program runs on `ATOMS` runs of neighbouring lengths of equal count instead (its cost grows with the
+    square of what it splits), which costs a little padding on steps of thousands of sequences.
     """
     values, counts = np.unique(np.asarray(lengths, dtype=np.int64), return_counts=True)
     total = int(np.dot(values, counts))
     slack = max(0, memory_tokens - total) / 2
-    cuts = _best_cuts(values, counts, lo=min(start, len(values)), hi=min(max(start, max_buckets), len(values)),
+    ends = _atom_ends(counts)
+    top = values[ends - 1].astype(np.float64)                      # each atom's longest length
+    c = np.concatenate([[0], np.cumsum(counts)])[np.concatenate([[0], ends])].astype(np.float64)
+    tokens = np.concatenate([[0], np.cumsum(values * counts)])[np.concatenate([[0], ends])].astype(np.float64)
+    d = len(ends)
+    cuts = _best_cuts(top, c, tokens, lo=min(start, d), hi=min(max(start, max_buckets), d),
                       allowed_padding=min(slack, pad_fraction * total))
-    return _buckets_from_cuts(lengths, values, cuts)
+    return _buckets_from_cuts(lengths, [int(top[j - 1]) for j in cuts])
 
 
-def _best_cuts(values: np.ndarray, counts: np.ndarray, lo: int, hi: int, allowed_padding: float) -> list[int]:
-    """End positions (exclusive, in `values`) of the buckets for the smallest B in [lo, hi] within the padding.
+ATOMS = 128
 
-    dp[b][j] = least padding of the first j distinct values in b buckets; a bucket of values k..j−1 pads
-    v[j−1]·(C[j] − C[k]) − (S[j] − S[k]) with C, S the prefix counts and token sums.
+
+def _atom_ends(counts: np.ndarray) -> np.ndarray:
+    """End positions (exclusive) in the distinct lengths of at most ATOMS runs of about equal count."""
+    if len(counts) <= ATOMS:
+        return np.arange(1, len(counts) + 1)
+    cum = np.cumsum(counts)
+    marks = np.searchsorted(cum, np.linspace(0, cum[-1], ATOMS + 1)[1:], side="left") + 1
+    return np.unique(np.minimum(marks, len(counts)))
+
+
+def _best_cuts(top: np.ndarray, c: np.ndarray, s: np.ndarray, lo: int, hi: int,
+               allowed_padding: float) -> list[int]:
+    """End positions (exclusive, in atoms) of the buckets for the smallest B in [lo, hi] within the padding.
+
+    dp[b][j] = least padding of the first j atoms in b buckets; a bucket of atoms k..j−1 pads
+    top[j−1]·(c[j] − c[k]) − (s[j] − s[k]) with c, s the prefix counts and token sums.
     """
-    d = len(values)
-    c = np.concatenate([[0], np.cumsum(counts)]).astype(np.float64)
-    s = np.concatenate([[0], np.cumsum(values * counts)]).astype(np.float64)
-    v = values.astype(np.float64)
+    d = len(top)
     k = np.arange(d + 1)[:, None]
     j = np.arange(d + 1)[None, :]
-    invalid = k >= j                        # a bucket needs at least one value
-    # padding of a bucket holding values k..j-1 (j >= 1): v[j-1]*(c[j]-c[k]) - (s[j]-s[k])
-    vj = np.concatenate([[0.0], v])[None, :]
-    bucket_pad = vj * (c[None, :] - c[:, None]) - (s[None, :] - s[:, None])
+    invalid = k >= j                        # a bucket needs at least one atom
+    vj = np.concatenate([[0.0], top])[None, :]
+    bucket_pad = np.where(invalid, np.inf, vj * (c[None, :] - c[:, None]) - (s[None, :] - s[:, None]))
     prev = np.full(d + 1, np.inf)
     prev[0] = 0.0
     parents: list[np.ndarray] = []
     for b in range(1, hi + 1):
-        cand = np.where(invalid, np.inf, prev[:, None] + bucket_pad)
+        cand = prev[:, None] + bucket_pad
         parent = np.argmin(cand, axis=0)
         prev = cand[parent, np.arange(d + 1)]
         parents.append(parent)
@@ -81,13 +97,12 @@ def _backtrack(parents: list[np.ndarray], d: int) -> list[int]:
     return sorted(cuts)
 
 
-def _buckets_from_cuts(lengths: Sequence[int], values: np.ndarray, cuts: list[int]) -> list[Bucket]:
+def _buckets_from_cuts(lengths: Sequence[int], boundaries: list[int]) -> list[Bucket]:
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    boundaries = [int(values[j - 1]) for j in cuts]
-    buckets: list[list[int]] = [[] for _ in cuts]
-    b = len(cuts) - 1                      # walk lengths descending, buckets from the longest boundary down
+    buckets: list[list[int]] = [[] for _ in boundaries]
+    b = len(boundaries) - 1                 # walk lengths descending, buckets from the longest boundary down
     for i in order:
         while b > 0 and lengths[i] <= boundaries[b - 1]:
             b -= 1
         buckets[b].append(i)
-    return [Bucket(boundaries[b], tuple(buckets[b])) for b in reversed(range(len(cuts))) if buckets[b]]
+    return [Bucket(boundaries[b], tuple(buckets[b])) for b in reversed(range(len(boundaries))) if buckets[b]]

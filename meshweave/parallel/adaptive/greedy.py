@@ -80,21 +80,50 @@ def homogeneous(p: Problem, chunk: Sequence[int], size: int) -> list[Draft] | No
     if len(chunk) < n_groups or any(p.min_size[i] > size for i in chunk):
         return None
     groups = [_Group(size, g) for g in range(n_groups)]
-    heap = [(0.0, 0, g) for g in range(n_groups)]   # (load, sequences, group): ties go to emptier, then lower
+    heap = _LoadHeap(p, groups)
+    for g in groups:
+        heap.push(g)
     for i in longest_first(p, chunk):
-        skipped = []
-        while heap and not groups[heap[0][2]].fits(p, i):
-            skipped.append(heapq.heappop(heap))
-        if not heap:
+        g = heap.least_loaded_fitting(i)
+        if g is None:
             return None
-        _, _, g = heapq.heappop(heap)
-        groups[g].add(p, i)
-        heapq.heappush(heap, (groups[g].load, len(groups[g].seqs), g))
-        for item in skipped:
-            heapq.heappush(heap, item)
+        g.add(p, i)
+        heap.push(g)
     if any(not g.seqs for g in groups):
         return None
     return [g.draft() for g in groups]
+
+
+class _LoadHeap:
+    """Groups of one size by (load, sequences, creation order), least loaded first, for sequences that come
+    longest first. A group without room for the current sequence is parked by its free memory and returns
+    once the sequences have shrunk enough to fit, so a full machine costs O(log G), not a scan, per sequence.
+    Entries of groups that changed since they were pushed are stale and dropped when met."""
+
+    def __init__(self, p: Problem, groups: list[_Group]) -> None:
+        self.p, self.groups = p, groups
+        self.ready: list[tuple[float, int, int]] = []
+        self.parked: list[tuple[int, int]] = []          # (−free tokens, order)
+
+    def push(self, g: _Group) -> None:
+        heapq.heappush(self.ready, (g.load, len(g.seqs), g.order))
+
+    def least_loaded_fitting(self, i: int) -> _Group | None:
+        size = self.groups[0].size if self.groups else 0
+        need = self.p.tokens[size][i] if size else 0
+        while self.parked and -self.parked[0][0] >= need:
+            self.push(self.groups[heapq.heappop(self.parked)[1]])
+        while self.ready:
+            load, count, order = self.ready[0]
+            g = self.groups[order]
+            if g.load != load or len(g.seqs) != count:
+                heapq.heappop(self.ready)                 # stale
+            elif self.p.capacity - g.mem < need:
+                heapq.heappop(self.ready)
+                heapq.heappush(self.parked, (g.mem - self.p.capacity, order))
+            else:
+                return g
+        return None
 
 
 def heterogeneous(p: Problem, chunk: Sequence[int]) -> list[Draft] | None:
@@ -114,9 +143,10 @@ def heterogeneous(p: Problem, chunk: Sequence[int]) -> list[Draft] | None:
             pool.add(best, i)
         else:
             return None
-    if not _fill_free_ranks(p, pool.groups, free):
+    groups = pool.finish()
+    if _fill_free_ranks(p, groups, free):
         return None
-    return [g.draft() for g in pool.groups]
+    return [g.draft() for g in groups]
 
 
 def _size_for_target(p: Problem, i: int, target: float) -> int:
@@ -128,53 +158,47 @@ def _size_for_target(p: Problem, i: int, target: float) -> int:
 
 
 class _Pool:
-    """Groups with one lazy heap of (load, order) per size: the earliest-finishing group for a sequence in
+    """Groups with one `_LoadHeap` per size: the earliest-finishing group for a sequence in
     O(sizes · log groups) instead of a scan of every group."""
 
     def __init__(self, p: Problem) -> None:
         self.p = p
         self.groups: list[_Group] = []
-        self.heaps: dict[int, list[tuple[float, int]]] = {s: [] for s in p.sizes}
+        self.by_size: dict[int, list[_Group]] = {s: [] for s in p.sizes}
+        self.heaps = {s: _LoadHeap(p, self.by_size[s]) for s in p.sizes}
 
     def open(self, size: int, i: int) -> None:
-        g = _Group(size, len(self.groups))
+        g = _Group(size, len(self.by_size[size]))     # order inside its size, the heap's index
         self.groups.append(g)
+        self.by_size[size].append(g)
         self.add(g, i)
 
     def add(self, g: _Group, i: int) -> None:
         g.add(self.p, i)
-        heapq.heappush(self.heaps[g.size], (g.load, g.order))  # the old entry goes stale
+        self.heaps[g.size].push(g)
 
     def earliest(self, i: int) -> _Group | None:
         best, best_key = None, None
         for s in self.p.sizes:
-            if s < self.p.min_size[i]:
+            if s < self.p.min_size[i] or not self.by_size[s]:
                 continue
-            g = self._least_loaded_fitting(s, i)
-            if g is not None and (best_key is None or (g.load + self.p.times[s][i], g.order) < best_key):
-                best, best_key = g, (g.load + self.p.times[s][i], g.order)
+            g = self.heaps[s].least_loaded_fitting(i)
+            if g is not None:
+                key = (g.load + self.p.times[s][i], s, g.order)
+                if best_key is None or key < best_key:
+                    best, best_key = g, key
         return best
 
-    def _least_loaded_fitting(self, size: int, i: int) -> _Group | None:
-        heap, skipped, found = self.heaps[size], [], None
-        while heap:
-            load, order = heap[0]
-            g = self.groups[order]
-            if g.load != load:
-                heapq.heappop(heap)             # stale
-            elif not g.fits(self.p, i):
-                skipped.append(heapq.heappop(heap))
-            else:
-                found = g
-                break
-        for item in skipped:
-            heapq.heappush(heap, item)
-        return found
+    def finish(self) -> list[_Group]:
+        """The groups in creation order, renumbered for the fill step."""
+        for k, g in enumerate(self.groups):
+            g.order = k
+        return self.groups
 
 
-def _fill_free_ranks(p: Problem, groups: list[_Group], free: int) -> bool:
+def _fill_free_ranks(p: Problem, groups: list[_Group], free: int) -> int:
     """Give every free rank work: double the busiest group that fits, else split a group's shortest sequence
-    off onto a new group. False if neither is possible (too few sequences for the ranks)."""
+    off onto a new group. Returns the ranks still free (0 unless there are too few sequences for the ranks)."""
     while free > 0:
         grow = [g for g in groups if g.size <= free and 2 * g.size <= p.max_size]
         if grow:
@@ -184,11 +208,11 @@ def _fill_free_ranks(p: Problem, groups: list[_Group], free: int) -> bool:
             continue
         new = _split_off(p, groups, free)
         if new is None:
-            return False
+            return free
         new.order = len(groups)
         groups.append(new)
         free -= new.size
-    return True
+    return 0
 
 
 def _split_off(p: Problem, groups: list[_Group], free: int) -> _Group | None:
@@ -231,14 +255,17 @@ def _homogeneous_bound(p: Problem, chunk: Sequence[int], size: int) -> float:
 def megatron_microbatches(p: Problem) -> list[list[Draft]]:
     """Megatron's greedy hybrid-CP schedule of the whole step (its own micro-batching, see the docstring)."""
     remaining = longest_first(p, range(len(p.lengths)))
-    out = []
+    out: list[list[_Group]] = []
     while remaining:
-        groups, remaining = _megatron_microbatch(p, remaining)
-        out.append([g.draft() for g in groups])
-    return out
+        groups, remaining, free = _megatron_microbatch(p, remaining)
+        if free:
+            _complete_last(p, out, groups, free)
+        out.append(groups)
+    return [[g.draft() for g in groups] for groups in out]
 
 
-def _megatron_microbatch(p: Problem, queue: list[int]) -> tuple[list[_Group], list[int]]:
+def _megatron_microbatch(p: Problem, queue: list[int]) -> tuple[list[_Group], list[int], int]:
+    """One micro-batch: (groups, sequences left for later, ranks left idle — 0 unless too few sequences)."""
     groups: list[_Group] = []
     free, first_needed, check_balance = p.n_ranks, None, False
     leftovers: list[int] = []
@@ -256,9 +283,41 @@ def _megatron_microbatch(p: Problem, queue: list[int]) -> tuple[list[_Group], li
             break
     if free == 0:
         leftovers.extend(_trim_overload(p, groups))
-    if not _megatron_fill(p, groups, free):
-        raise ValueError("megatron schedule: too few sequences to keep every rank busy in a micro-batch")
-    return groups, longest_first(p, leftovers)
+    free = _megatron_fill(p, groups, free)
+    while free and leftovers:        # size-capped groups cannot double over the idle ranks: take another sequence
+        size = max(s for s in p.sizes if s <= free)
+        i = next((i for i in leftovers if p.min_size[i] <= size), None)
+        if i is None:
+            break
+        leftovers.remove(i)
+        groups.append(_Group(size, len(groups)))
+        groups[-1].add(p, i)
+        free = _megatron_fill(p, groups, free - size)
+    return groups, longest_first(p, leftovers), free
+
+
+def _complete_last(p: Problem, out: list[list[_Group]], groups: list[_Group], free: int) -> None:
+    """A last micro-batch with too few sequences for its ranks takes the shortest sequences of the previous
+    micro-batch's fullest groups onto its idle ranks, or else the two are planned as one micro-batch by our
+    greedy (our addition: Megatron asserts here). Group loads are not needed after this point."""
+    while free and out:
+        size = max(s for s in p.sizes if s <= free)
+        donors = [g for g in out[-1] if len(g.seqs) > 1 and p.min_size[g.seqs[-1]] <= size]
+        if not donors:
+            break
+        donor = max(donors, key=lambda g: (len(g.seqs), g.load, -g.order))
+        groups.append(_Group(size, len(groups)))
+        groups[-1].add(p, donor.remove_last(p))
+        free = _megatron_fill(p, groups, free - size)
+    if free and out:                 # no donor either: re-plan the last two micro-batches as one (our greedy)
+        merged = best_greedy(p, [i for g in out[-1] + groups for i in g.seqs])
+        if merged is not None:
+            out.pop()
+            groups[:] = [_Group(size, k, list(seqs)) for k, (size, seqs) in enumerate(merged[0])]
+            free = 0
+    if free:
+        raise ValueError(f"megatron schedule: too few sequences to keep all {p.n_ranks} ranks busy in its last "
+                         f"micro-batch")
 
 
 def _megatron_place(p: Problem, groups: list[_Group], i: int, needed: int, free: int) -> int | None:
@@ -275,16 +334,16 @@ def _megatron_place(p: Problem, groups: list[_Group], i: int, needed: int, free:
     return 0
 
 
-def _megatron_fill(p: Problem, groups: list[_Group], free: int) -> bool:
+def _megatron_fill(p: Problem, groups: list[_Group], free: int) -> int:
     """Megatron's `fill_empty_gpus`: double the smallest group (the first made) until no rank is idle; where a
-    doubling is impossible (size cap), split a sequence off like the other greedies."""
+    doubling is impossible (size cap), split a sequence off like the other greedies. Returns the ranks left."""
     while free > 0:
         smallest = min(groups, key=lambda g: (g.size, g.order))
         if smallest.size > free or 2 * smallest.size > p.max_size:
             return _fill_free_ranks(p, groups, free)
         free -= smallest.size
         smallest.resize(p, 2 * smallest.size)
-    return True
+    return 0
 
 
 def _balanced(groups: list[_Group]) -> bool:

@@ -22,7 +22,7 @@ Draft = tuple[int, tuple[int, ...]]
 
 
 def _ns(seconds: float) -> int:
-    return int(round(seconds * 1e9))
+    return round(seconds * 1e9)
 
 
 def _seconds(ns: int) -> float:

@@ -1,9 +1,14 @@
 """`plan_step`: one step's micro-batches and SP groups for a batch of whole sequences (FlexSP, §8).
 
 Flow: check and price the problem (problem.py) → cut the sequences, longest first, into micro-batches
-(blaster.py; a few counts are tried) → place each micro-batch's sequences on aligned power-of-two groups
-covering all N ranks (greedy.py, and for strategy "milp" the MILP of milp.py cut off by the greedy) →
-lay the groups out as buddy blocks (plan.py).
+(blaster.py's consecutive chunks, or strided ones; a few counts are tried, each planned by the greedy) →
+place each micro-batch's sequences on aligned power-of-two groups covering all N ranks (greedy.py, and for
+strategy "milp" the MILP of milp.py cut off by the greedy plan) → lay the groups out as buddy blocks (plan.py).
+
+Time-outs: the greedy plan is the MILP's cut-off, so a MILP that HiGHS stops with an incumbent returns a plan
+at least as fast ("milp-timeout"); one stopped without any (nothing better than the greedy found in time,
+or too little time left to start) keeps the greedy plan, and the step is "greedy-fallback" with an
+`AdaptivePlanWarning`. At 64+ ranks that is the usual outcome for the mid-sized micro-batches within 50 ms.
 
 Strategies: "milp" (FlexSP), "greedy" (best greedy per micro-batch: the MILP's fallback), "static-<s>"
 (every micro-batch on N/s groups of size s: a fixed SP degree) and "megatron" (Megatron-LM's greedy
@@ -20,14 +25,18 @@ from collections.abc import Callable, Sequence
 
 from meshweave.parallel.adaptive.blaster import MICROBATCH_TRIES, fewest_microbatches, partitions
 from meshweave.parallel.adaptive.cost import CostModel
-from meshweave.parallel.adaptive.greedy import (best_greedy, homogeneous, longest_first, makespan,
-                                                megatron_microbatches)
+from meshweave.parallel.adaptive.greedy import best_greedy, homogeneous, longest_first, makespan, megatron_microbatches
 from meshweave.parallel.adaptive.milp import solve_microbatch
-from meshweave.parallel.adaptive.plan import (Draft, GroupAssignment, MicroBatchPlan, StepPlan,
-                                              assemble_microbatch, check_microbatch)
+from meshweave.parallel.adaptive.plan import (
+    Draft,
+    GroupAssignment,
+    MicroBatchPlan,
+    StepPlan,
+    assemble_microbatch,
+    check_microbatch,
+)
 from meshweave.parallel.adaptive.problem import Problem
 
-MIN_SOLVE_S = 0.005   # below this share of the time limit a micro-batch keeps its greedy plan unsolved
 ChunkPlanner = Callable[[Problem, list[int]], "list[Draft] | None"]
 
 
@@ -42,8 +51,9 @@ def plan_step(lengths: Sequence[int], n_ranks: int, cost: CostModel, capacity_to
 
     `capacity_tokens` is the most tokens one rank may hold in a micro-batch; `max_group` caps the group size
     (Ulysses: the head count); `time_limit_s` is the wall time planning may take ("milp": the greedy runs
-    first, its micro-batch MILPs share the rest); `mip_gap` the relative gap at which a MILP stops. A sequence no allowed group can hold raises
-    ValueError; a MILP without an answer falls back to the greedy with an `AdaptivePlanWarning`.
+    first, its micro-batch MILPs share the rest); `mip_gap` the relative gap at which a MILP stops. A
+    sequence no allowed group can hold raises ValueError; a MILP without an answer falls back to the greedy
+    with an `AdaptivePlanWarning`.
     """
     start = time.perf_counter()
     p = Problem.build(lengths, n_ranks, cost, capacity_tokens, max_group)
@@ -69,6 +79,9 @@ def _static_size(p: Problem, strategy: str) -> int:
         size = 0
     if size not in p.sizes:
         raise ValueError(f"adaptive plan: strategy {strategy!r} needs a group size among {list(p.sizes)}")
+    if len(p.lengths) < p.n_ranks // size:
+        raise ValueError(f"adaptive plan: {strategy} needs at least {p.n_ranks // size} sequences per step (one per "
+                         f"group), got {len(p.lengths)}")
     longest = max(range(len(p.lengths)), key=lambda i: p.lengths[i])
     if p.min_size[longest] > size:
         raise ValueError(f"adaptive plan: {strategy} cannot hold a sequence of {p.lengths[longest]} tokens at "
@@ -88,40 +101,52 @@ def _blast(p: Problem, plan_chunk: ChunkPlanner, min_count: int) -> list[list[Dr
     return min(found, key=lambda f: (f[0], len(f[1])))[1]
 
 
-def _blast_options(p: Problem, plan_chunk: ChunkPlanner, min_count: int,
-                   tries: int) -> list[tuple[float, list[list[Draft]], list[list[int]]]]:
-    """Up to `tries` feasible micro-batch counts as (Σ makespan, drafts per micro-batch, chunks), fewest first.
+Option = tuple[float, list[list[Draft]], list[list[int]]]   # (Σ makespan, drafts per micro-batch, chunks)
 
-    A count whose chunks' lower bounds already add up to more than the best plan found is not planned, and
-    the search stops once Σ makespan rises from one count to the next (each extra micro-batch costs every
+
+def _blast_options(p: Problem, plan_chunk: ChunkPlanner, min_count: int, tries: int) -> list[Option]:
+    """Planned micro-batchings for up to `tries` counts, fewest micro-batches first.
+
+    Each count is cut two ways: the blaster's consecutive chunks of the sorted lengths (long sequences
+    together: what a long tail needs) and strided ones (sequence k to micro-batch k mod mb: long and short
+    mixed, which packs memory better when lengths are alike; our addition to FlexSP's blaster). A cut whose
+    chunks' lower bounds already add up to more than the best plan found is not planned, and the search
+    stops once the best Σ makespan rises from one count to the next (each extra micro-batch costs every
     group another β, and the rest is the same work).
     """
     order = longest_first(p, range(len(p.lengths)))
     most = len(order) // min_count
     mb = fewest_microbatches(sum(p.lengths), p.n_ranks, p.capacity)
-    found: list[tuple[float, list[list[Draft]], list[list[int]]]] = []
-    tried = 0                                   # counts planned or ruled out by their bound
+    found: list[Option] = []
+    tried, last = 0, None                       # counts planned or ruled out; the previous count's best
     while mb <= most and tried < tries:
         window = range(mb, min(most, mb + tries - tried - 1) + 1)
         cuts = partitions([p.lengths[i] for i in order], window, min_count)
-        for count in (c for c in window if c in cuts):
-            chunks = _chunks(order, cuts[count])
-            if found and sum(p.lower_bound(c) for c in chunks) >= min(f[0] for f in found):
-                tried += 1
-                continue
-            option = _plan_chunks(p, plan_chunk, chunks)
-            if option is not None:
-                found.append(option)
-                tried += 1
-                if len(found) > 1 and found[-1][0] > found[-2][0]:
-                    tried = tries               # Σ makespan turned up: more micro-batches only add β
-                    break
+        for count in window:
+            cut_ways = ([_chunks(order, cuts[count])] if count in cuts else []) + [_strided(order, count)]
+            bounded = [c for c in cut_ways if found and _bound(p, c) >= min(f[0] for f in found)]
+            options = [o for o in (_plan_chunks(p, plan_chunk, c) for c in cut_ways if c not in bounded) if o]
+            found += options
+            tried += 1 if options or bounded else 0     # a count no cut of which fits does not count
+            best = min((o[0] for o in options), default=None)
+            if best is not None and last is not None and best > last:
+                tried = tries                   # Σ makespan turned up
+                break
+            last = best if best is not None else last
         mb = window[-1] + 1
     if not found:
         raise ValueError(f"adaptive plan: found no micro-batching of {len(order)} sequences (longest "
                          f"{max(p.lengths)} tokens) within {p.capacity} tokens per rank on {p.n_ranks} ranks; "
                          f"lower data.max_len or raise the memory per rank")
     return found
+
+
+def _bound(p: Problem, chunks: list[list[int]]) -> float:
+    return sum(p.lower_bound(c) for c in chunks)
+
+
+def _strided(order: list[int], count: int) -> list[list[int]]:
+    return [order[k::count] for k in range(count)]
 
 
 def _chunks(order: list[int], sizes: list[int]) -> list[list[int]]:
@@ -132,8 +157,7 @@ def _chunks(order: list[int], sizes: list[int]) -> list[list[int]]:
     return out
 
 
-def _plan_chunks(p: Problem, plan_chunk: ChunkPlanner,
-                 chunks: list[list[int]]) -> tuple[float, list[list[Draft]], list[list[int]]] | None:
+def _plan_chunks(p: Problem, plan_chunk: ChunkPlanner, chunks: list[list[int]]) -> Option | None:
     micro = []
     for chunk in chunks:
         drafts = plan_chunk(p, chunk)
@@ -161,10 +185,6 @@ def _milp(p: Problem, deadline: float, time_limit_s: float, mip_gap: float) -> t
             statuses.append("optimal")       # within the gap of the bound: the greedy plan is good enough
             continue
         budget = (deadline - time.perf_counter()) * gains[k] / sum(gains[k:])
-        if budget < MIN_SOLVE_S:             # HiGHS takes longer than this just to start
-            statuses.append("timeout")
-            problems.append(f"micro-batch {k}: Time limit reached before its solve ({budget * 1e3:.1f} ms left)")
-            continue
         micro[k], status, problem = _solve_one(p, chunk, micro[k], budget, mip_gap)
         statuses.append(status)
         if problem:
