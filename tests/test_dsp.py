@@ -352,9 +352,11 @@ def _world(overrides: list[str]) -> int:
     ["parallel.sp=2", "parallel.sp_method=dsp", "parallel.dp=1", "parallel.activation_checkpointing=true"],
     ["parallel.sp=2", "parallel.sp_method=ring", "parallel.dp=1"],
     ["parallel.tp=2", "parallel.sp=2", "parallel.sp_method=dsp", "parallel.dp=1"],
+    ["parallel.tp=2", "parallel.sp=2", "parallel.sp_method=ulysses", "parallel.dp=1"],  # 1 head per tp rank, padded
     # generic Ulysses' ops read the token grid its layout recorded at entry, also when a block is recomputed
     ["parallel.sp=2", "parallel.sp_method=ulysses", "parallel.dp=1", "parallel.activation_checkpointing=true"],
-], ids=["sp4", "sp2-dp2-fsdp", "sp2-dp2-ddp", "sp2-ac", "sp2-embedded-ring", "tp2-sp2-dsp", "sp2-ulysses-ac"])
+], ids=["sp4", "sp2-dp2-fsdp", "sp2-dp2-ddp", "sp2-ac", "sp2-embedded-ring", "tp2-sp2-dsp", "tp2-sp2-ulysses",
+      "sp2-ulysses-ac"])
 def test_trainer_dsp_composed_equals_one_process(overrides, reference):
     _assert_same_training(run_distributed(train_st_dit, _world(overrides), overrides), reference)
 
