@@ -166,7 +166,7 @@ def _sequence_parallel(cfg: Config, world: int) -> list[str]:
     if p.sp_method == "dsp":
         return _dynamic_sequence_parallel(cfg)
     if model_spec(cfg.model.kind).factorised_dims is not None:
-        return []  # the model's own validate allowed the method (ulysses: the embedded baseline, pads the heads)
+        return []  # the model's own validate allowed the method (its ulysses pads the heads)
     if p.sp > seq:
         return [f"parallel.sp: {p.sp} ranks cannot share a sequence of train.seq_len {seq} tokens; use sp <= seq_len"]
     spec = model_spec(cfg.model.kind)
