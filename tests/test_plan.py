@@ -146,3 +146,21 @@ def test_plan_memory_of_a_video_model_counts_its_tokens_per_sample_not_seq_len()
     cfg = load_config(None, ["model.kind=st_dit", "parallel.sp=2", "parallel.sp_method=ulysses"])
     line = next(x for x in render_plan(cfg, parallel_dims(cfg, 2)).splitlines() if x.startswith("sequence parallel"))
     assert "spatial layers: ulysses over the flattened tokens" in line, line
+
+
+def test_plan_memory_tp_splits_text_activations_only_and_adaptive_counts_its_token_cap():
+    """Sequence-parallel norms shard a text model's activations over tp; st_dit's stay whole over tp. Under
+    sp: adaptive a rank holds at most parallel.adaptive.tokens_per_rank tokens per micro-batch."""
+    from meshweave.launch.plan import memory_per_rank
+
+    def activations(world: int, *overrides: str) -> float:
+        cfg = load_config(None, list(overrides))
+        return memory_per_rank(cfg, parallel_dims(cfg, world), 0).activation_bytes
+
+    video = ["model.kind=st_dit", "parallel.dp=1"]
+    assert activations(2, *video, "parallel.tp=2") == activations(1, *video)
+    text = ["parallel.dp=1", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=4"]
+    assert activations(2, *text, "parallel.tp=2") < activations(1, *text)
+    adaptive = ["parallel.sp=adaptive", "data.packing=false", "data.max_len=1024"]
+    assert activations(4, *adaptive, "parallel.adaptive.tokens_per_rank=512") == pytest.approx(
+        activations(4, *adaptive, "parallel.adaptive.tokens_per_rank=256") * 2, rel=0.01)

@@ -111,12 +111,16 @@ def memory_per_rank(cfg: Config, dims: ParallelDims, stage: int, splits: Sequenc
     # A video model's samples are frames x patches tokens, not train.seq_len (which it does not read).
     per_sample = spec.tokens_per_sample(m) if spec.tokens_per_sample is not None else t.seq_len
     tokens = rows * per_sample / dims.sp
+    if p.adaptive.enabled:  # the planner caps what a rank holds per micro-batch
+        tokens = p.adaptive.tokens_per_rank or cfg.data.max_len
     # Per token per layer ~17*width values kept for backward with flash attention (Korthikanti et al.'s
-    # 34*d bytes in 16-bit), sharded over tp by sequence-parallel norms; only block inputs kept with AC.
+    # 34*d bytes in 16-bit), sharded over tp by sequence-parallel norms (text models; a factorised model's
+    # activations stay whole over tp); only block inputs kept with AC.
     width = spec.hidden_width(m)
-    per_layer = (2 * width if p.activation_checkpointing else 17 * width) * act_bytes / dims.tp
+    tp_shards = dims.tp if spec.factorised_dims is None else 1
+    per_layer = (2 * width if p.activation_checkpointing else 17 * width) * act_bytes / tp_shards
     in_flight = min(dims.pp - stage, p.microbatches) if dims.pp > 1 else 1
-    activations = tokens * per_layer * layers * in_flight + tokens * spec.output_width(m) / dims.tp * 4 * holds_last
+    activations = tokens * per_layer * layers * in_flight + tokens * spec.output_width(m) / tp_shards * 4 * holds_last
     return MemoryEstimate(params, state, activations)
 
 
