@@ -180,8 +180,8 @@ def test_forced_timeout_falls_back_to_greedy_with_a_warning(monkeypatch):
     lengths = long_tail(48, seed=4)
     greedy_plan = plan_step(lengths, 8, cost, 16384, strategy="greedy")
     monkeypatch.setattr(milp_module, "milp", _no_solution)
-    with pytest.warns(AdaptivePlanWarning, match="greedy"):
-        plan = plan_step(lengths, 8, cost, 16384, mip_gap=0.0)
+    with pytest.warns(AdaptivePlanWarning, match="greedy"):             # time enough to call the solver
+        plan = plan_step(lengths, 8, cost, 16384, mip_gap=0.0, time_limit_s=10.0)
     assert plan.solver == "greedy-fallback"
     assert plan.microbatches == greedy_plan.microbatches
 
@@ -192,7 +192,7 @@ def test_solver_error_falls_back_to_greedy_with_a_warning(monkeypatch):
     monkeypatch.setattr(milp_module, "milp", broken)
     lengths = long_tail(48, seed=4)
     with pytest.warns(AdaptivePlanWarning, match="HiGHS crashed"):
-        plan = plan_step(lengths, 8, CostModel.flexsp_gpt7b(), 16384, mip_gap=0.0)
+        plan = plan_step(lengths, 8, CostModel.flexsp_gpt7b(), 16384, mip_gap=0.0, time_limit_s=10.0)
     assert plan.solver == "greedy-fallback"
 
 

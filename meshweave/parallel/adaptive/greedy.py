@@ -76,11 +76,16 @@ def makespan(p: Problem, drafts: Sequence[Draft]) -> float:
 
 def homogeneous(p: Problem, chunk: Sequence[int], size: int) -> list[Draft] | None:
     """LPT onto N/size groups of `size`; None if a sequence cannot fit or a group would stay empty."""
+    groups = _homogeneous_groups(p, chunk, size)
+    return None if groups is None else [g.draft() for g in groups]
+
+
+def _homogeneous_groups(p: Problem, chunk: Sequence[int], size: int) -> list[_Group] | None:
     n_groups = p.n_ranks // size
     if len(chunk) < n_groups or any(p.min_size[i] > size for i in chunk):
         return None
     groups = [_Group(size, g) for g in range(n_groups)]
-    heap = _LoadHeap(p, groups)
+    heap = _LoadHeap(p, groups, size)
     for g in groups:
         heap.push(g)
     for i in longest_first(p, chunk):
@@ -89,9 +94,7 @@ def homogeneous(p: Problem, chunk: Sequence[int], size: int) -> list[Draft] | No
             return None
         g.add(p, i)
         heap.push(g)
-    if any(not g.seqs for g in groups):
-        return None
-    return [g.draft() for g in groups]
+    return None if any(not g.seqs for g in groups) else groups
 
 
 class _LoadHeap:
@@ -100,8 +103,8 @@ class _LoadHeap:
     once the sequences have shrunk enough to fit, so a full machine costs O(log G), not a scan, per sequence.
     Entries of groups that changed since they were pushed are stale and dropped when met."""
 
-    def __init__(self, p: Problem, groups: list[_Group]) -> None:
-        self.p, self.groups = p, groups
+    def __init__(self, p: Problem, groups: list[_Group], size: int) -> None:
+        self.p, self.groups, self.size = p, groups, size
         self.ready: list[tuple[float, int, int]] = []
         self.parked: list[tuple[int, int]] = []          # (−free tokens, order)
 
@@ -109,8 +112,7 @@ class _LoadHeap:
         heapq.heappush(self.ready, (g.load, len(g.seqs), g.order))
 
     def least_loaded_fitting(self, i: int) -> _Group | None:
-        size = self.groups[0].size if self.groups else 0
-        need = self.p.tokens[size][i] if size else 0
+        need = self.p.tokens[self.size][i]
         while self.parked and -self.parked[0][0] >= need:
             self.push(self.groups[heapq.heappop(self.parked)[1]])
         while self.ready:
@@ -128,6 +130,11 @@ class _LoadHeap:
 
 def heterogeneous(p: Problem, chunk: Sequence[int]) -> list[Draft] | None:
     """Target-driven sizes while ranks are free, earliest-finish joins after; None if something cannot fit."""
+    groups = _heterogeneous_groups(p, chunk)
+    return None if groups is None else [g.draft() for g in groups]
+
+
+def _heterogeneous_groups(p: Problem, chunk: Sequence[int]) -> list[_Group] | None:
     target = p.lower_bound(chunk) - p.cost.beta
     pool = _Pool(p)
     free = p.n_ranks
@@ -144,9 +151,7 @@ def heterogeneous(p: Problem, chunk: Sequence[int]) -> list[Draft] | None:
         else:
             return None
     groups = pool.finish()
-    if _fill_free_ranks(p, groups, free):
-        return None
-    return [g.draft() for g in groups]
+    return None if _fill_free_ranks(p, groups, free) else groups
 
 
 def _size_for_target(p: Problem, i: int, target: float) -> int:
@@ -165,7 +170,7 @@ class _Pool:
         self.p = p
         self.groups: list[_Group] = []
         self.by_size: dict[int, list[_Group]] = {s: [] for s in p.sizes}
-        self.heaps = {s: _LoadHeap(p, self.by_size[s]) for s in p.sizes}
+        self.heaps = {s: _LoadHeap(p, self.by_size[s], s) for s in p.sizes}
 
     def open(self, size: int, i: int) -> None:
         g = _Group(size, len(self.by_size[size]))     # order inside its size, the heap's index
@@ -232,17 +237,21 @@ def best_greedy(p: Problem, chunk: Sequence[int]) -> tuple[list[Draft], str] | N
     A size is tried only if its bound (β + the longer of its longest sequence and its average group load)
     beats the best plan so far, so most sizes cost a sum, not a packing.
     """
-    best: tuple[float, list[Draft], str] | None = None
-    drafts = heterogeneous(p, chunk)
-    if drafts is not None:
-        best = (makespan(p, drafts), drafts, "heterogeneous")
+    best: tuple[float, list[_Group], str] | None = None
+    groups = _heterogeneous_groups(p, chunk)
+    if groups is not None:
+        best = (_groups_makespan(p, groups), groups, "heterogeneous")
     for bound, size in sorted((_homogeneous_bound(p, chunk, s), s) for s in p.sizes):
         if best is not None and bound >= best[0]:
             break
-        drafts = homogeneous(p, chunk, size)
-        if drafts is not None and (best is None or makespan(p, drafts) < best[0]):
-            best = (makespan(p, drafts), drafts, f"static-{size}")
-    return None if best is None else (best[1], best[2])
+        groups = _homogeneous_groups(p, chunk, size)
+        if groups is not None and (best is None or _groups_makespan(p, groups) < best[0]):
+            best = (_groups_makespan(p, groups), groups, f"static-{size}")
+    return None if best is None else ([g.draft() for g in best[1]], best[2])
+
+
+def _groups_makespan(p: Problem, groups: list[_Group]) -> float:
+    return max(g.load for g in groups) + p.cost.beta
 
 
 def _homogeneous_bound(p: Problem, chunk: Sequence[int], size: int) -> float:

@@ -34,10 +34,13 @@ from meshweave.parallel.adaptive.cost import min_group_size
 from meshweave.parallel.adaptive.plan import Draft
 from meshweave.parallel.adaptive.problem import Problem
 
-# Wall time scipy and HiGHS take before the search even starts (model transfer, presolve), measured here at
-# about 20 ms for 3,400 variables: a budget below this gets no solve at all rather than an overrun.
-START_S = 0.003
-START_S_PER_VARIABLE = 6e-6
+# Wall time around the search, measured on the (loaded) 2-core machine this was written on: scipy's wrapper
+# converts the model before HiGHS's clock starts (~1 ms + 3 µs per variable). HiGHS's presolve looks at the
+# clock only when it ends: 50 ms on a 650-variable model whatever the limit, so it is off (the searches
+# found the same plans without it); the search itself stops within a few ms of its limit. A budget too small
+# to start gets no solve at all rather than an overrun.
+WRAPPER_S, WRAPPER_S_PER_VARIABLE = 0.001, 3e-6
+START_S, START_S_PER_VARIABLE = 0.003, 3e-6
 
 
 @dataclass(frozen=True)
@@ -62,16 +65,17 @@ def solve_microbatch(p: Problem, chunk: Sequence[int], cutoff_drafts: Sequence[D
     buckets = [Bucket(b.boundary, tuple(chunk[j] for j in b.members)) for b in buckets]
     cands = _candidates(p, buckets)
     n_var = sum(len(c.buckets) for c in cands) + len(cands) + 1
-    if time_limit_s < START_S + START_S_PER_VARIABLE * n_var:
-        return MilpResult("no-solution", None, None, f"Time limit reached before the solve: {time_limit_s * 1e3:.1f} ms "
-                                                    f"is too little to start a MILP of {n_var} variables")
+    highs_s = time_limit_s - WRAPPER_S - WRAPPER_S_PER_VARIABLE * n_var
+    if highs_s < START_S + START_S_PER_VARIABLE * n_var:
+        return MilpResult("no-solution", None, None, f"Time limit reached before the solve: {time_limit_s * 1e3:.1f} "
+                                                    f"ms is too little to start a MILP of {n_var} variables")
     cutoff = _bucketed_makespan(p, buckets, cutoff_drafts) if cutoff_drafts else None
     lower = p.lower_bound(chunk)
     scale = cutoff or lower or 1.0
     model = _Model(p, buckets, cands, scale)
     res = milp(model.objective(), integrality=model.integrality(), bounds=model.bounds(lower, cutoff),
-               constraints=model.constraints(), options={"time_limit": max(time_limit_s, 1e-3),
-                                                         "mip_rel_gap": mip_gap, "presolve": True})
+               constraints=model.constraints(), options={"time_limit": highs_s,
+                                                         "mip_rel_gap": mip_gap, "presolve": False})
     if res.x is None:
         status = "infeasible" if res.status == 2 else "no-solution"
         return MilpResult(status, None, None, str(res.message))

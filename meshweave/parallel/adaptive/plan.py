@@ -139,8 +139,10 @@ def draft_makespan(drafts: Sequence[Draft], lengths: Sequence[int], cost: CostMo
     return max(cost.group_time([lengths[i] for i in seqs], size) for size, seqs in drafts)
 
 
-def assemble_microbatch(drafts: Sequence[Draft], lengths: Sequence[int], cost: CostModel) -> MicroBatchPlan:
-    """Place drafted groups on the ranks (largest first, aligned) and price the micro-batch.
+def assemble_microbatch(drafts: Sequence[Draft], lengths: Sequence[int], cost: CostModel,
+                        makespan: float | None = None) -> MicroBatchPlan:
+    """Place drafted groups on the ranks (largest first, aligned) and price the micro-batch (or take the
+    caller's `makespan` of the same drafts under the same cost model).
 
     Canonical order so equal inputs give equal plans: sequences ascending inside a group; among groups of one
     size, the one whose sequences sort first gets the lower ranks.
@@ -148,7 +150,7 @@ def assemble_microbatch(drafts: Sequence[Draft], lengths: Sequence[int], cost: C
     canon = sorted(((size, tuple(sorted(seqs))) for size, seqs in drafts), key=lambda d: (-d[0], d[1]))
     blocks = buddy_layout([size for size, _ in canon])
     groups = tuple(GroupAssignment(start, size, seqs) for (start, size), (_, seqs) in zip(blocks, canon))
-    return MicroBatchPlan(groups, draft_makespan(canon, lengths, cost))
+    return MicroBatchPlan(groups, draft_makespan(canon, lengths, cost) if makespan is None else makespan)
 
 
 def validate_plan(plan: StepPlan, lengths: Sequence[int], capacity_tokens: int,

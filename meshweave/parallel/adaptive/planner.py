@@ -37,6 +37,7 @@ from meshweave.parallel.adaptive.plan import (
 )
 from meshweave.parallel.adaptive.problem import Problem
 
+ASSEMBLY_SHARE = 0.1   # of the time limit, kept for laying out and pricing the plan after the MILPs
 ChunkPlanner = Callable[[Problem, list[int]], "list[Draft] | None"]
 
 
@@ -65,10 +66,10 @@ def plan_step(lengths: Sequence[int], n_ranks: int, cost: CostModel, capacity_to
     elif strategy == "greedy":
         micro, solver = _blast(p, _greedy_drafts, p.min_groups), "greedy"
     elif strategy == "milp":
-        micro, solver = _milp(p, start + time_limit_s, time_limit_s, mip_gap)
+        micro, solver = _milp(p, start + (1 - ASSEMBLY_SHARE) * time_limit_s, time_limit_s, mip_gap)
     else:
         raise ValueError(f"adaptive plan: unknown strategy {strategy!r}; use milp, greedy, megatron or static-<s>")
-    plans = tuple(assemble_microbatch(drafts, p.lengths, cost) for drafts in micro)
+    plans = tuple(assemble_microbatch(drafts, p.lengths, cost, makespan(p, drafts)) for drafts in micro)
     return StepPlan(n_ranks, plans, solver, time.perf_counter() - start)
 
 
