@@ -4,6 +4,7 @@ fallback, peers. Pure Python + scipy: no processes."""
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import subprocess
 import sys
@@ -215,6 +216,20 @@ def test_deterministic():
     for strategy in ("megatron", "static-8", "greedy"):
         a, b = (plan_step(lengths, 8, cost, 16384, strategy=strategy) for _ in range(2))
         assert a.encode(with_solve_time=False) == b.encode(with_solve_time=False)
+
+
+def test_identical_across_processes():
+    """Two interpreters with different hash seeds (two ranks) plan the same bytes: no set or dict order leaks."""
+    code = ("import numpy as np; from meshweave.parallel.adaptive import CostModel, plan_step; "
+            "L = np.clip(np.random.default_rng(5).lognormal(np.log(2048), 1.6, 200), 64, 65536).astype(int).tolist(); "
+            "c = CostModel.flexsp_gpt7b(); "
+            "print(plan_step(L, 16, c, 16384, strategy='greedy').digest(), "
+            "plan_step(L, 16, c, 16384, strategy='megatron').digest(), "
+            "plan_step(L[:10], 4, c, 65536, time_limit_s=20.0, mip_gap=0.0).digest())")
+    root = Path(__file__).resolve().parents[1]
+    outs = [subprocess.run([sys.executable, "-c", code], check=True, cwd=root, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")]
+    assert outs[0] == outs[1] and outs[0].strip()
 
 
 @quiet_fallback
