@@ -116,11 +116,18 @@ def _step_plans(overrides: list[str], steps: int) -> list[tuple[int, list[list[i
         return plans
 
 
-def test_plans_are_identical_on_every_rank_and_mix_group_sizes():
-    per_rank = run_distributed(_step_plans, 2, ["model.dim=32", "model.n_layers=1"], 4)
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_plans_are_identical_on_every_rank_and_use_groups_of_several_sizes(world):
+    """Every rank runs rank 0's plan (same digest); the plans use more than one group size: across micro-batches
+    on 2 ranks, and within one micro-batch on 4 (slow links: short sequences alone, long ones on a pair)."""
+    slow_links = ["parallel.adaptive.cost.bandwidth_gbps=0.001"]
+    per_rank = run_distributed(_step_plans, world, ["model.dim=32", "model.n_layers=1", *slow_links], 4)
     assert all(plans == per_rank[0] for plans in per_rank)
     sizes = [sorted(set(s)) for _, step in per_rank[0] for s in step]
-    assert any(len(s) > 1 for s in sizes), f"no micro-batch mixed group sizes: {sizes}"
+    if world == 2:
+        assert {size for s in sizes for size in s} == {1, 2}, sizes
+    else:
+        assert any(len(s) > 1 for s in sizes), f"no micro-batch mixed group sizes: {sizes}"
 
 
 @pytest.fixture(scope="module")
