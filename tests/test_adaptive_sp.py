@@ -221,3 +221,18 @@ def test_cost_model_is_measured_once_then_read_from_the_cache(tmp_path):
     assert measured.alpha1 + measured.alpha2 > 0 and measured.bandwidth_at(2) > 0
     assert grads_dropped  # the timed steps leave no gradient behind
     assert len(list((tmp_path / "meshweave" / "adaptive").glob("*.json"))) == 1
+
+
+def test_cost_model_charges_collective_latency_on_groups_only():
+    from meshweave.parallel.adaptive import CostModel
+    from meshweave.parallel.adaptive_calibrate import collectives_per_sequence, cost_model
+
+    cost = CostModel(alpha1=0.0, alpha2=1e-3, beta=0.0, comm_bytes_per_token=0.0, bandwidth={2: 1e9},
+                     latency_per_sequence=0.5)
+    assert cost.seq_time(100, 1) == pytest.approx(0.1)
+    assert cost.seq_time(100, 2) == pytest.approx(0.05 + 0.5)
+    assert cost.seq_times([100, 100], 2).tolist() == pytest.approx([0.55, 0.55])
+    cfg = load_config(None, ADAPTIVE + ["parallel.sp_method=ulysses", "model.n_layers=3"])
+    assert collectives_per_sequence(cfg) == 24  # q, k, v, out each way, per layer
+    measured = {"alpha1": 1.0, "alpha2": 1.0, "beta": 1.0, "bandwidth": {"2": 1e9}, "latency": {"2": 1e-4, "4": 2e-4}}
+    assert cost_model(cfg, measured, 4, 4).latency_per_sequence == pytest.approx(24 * 2e-4)

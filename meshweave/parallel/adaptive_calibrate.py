@@ -3,7 +3,8 @@
 FlexSP's coefficients are fitted per model and cluster, so they are measured here at start-up:
 - compute: every rank times forward+backward of one sequence at three lengths with the local (one-rank)
   op, and α₁L² + α₂L + β is fitted (non-negative least squares) to the slowest rank's times;
-- bandwidth: every group size times an all-to-all of a few MiB inside its groups (the slowest group counts).
+- links: every group size times an all-to-all of 4 MiB (bandwidth) and of 4 KiB (latency, charged once per
+  collective a sequence runs on a group: FlexSP's model has no latency term, and on gloo it dominates).
 The result is cached per machine and setting (JSON under ~/.cache/meshweave/adaptive/), so later runs start
 at once; `parallel.adaptive.cost` overrides any coefficient (a value of 0 means "measure it").
 
@@ -31,6 +32,7 @@ from meshweave.core.schema import Config
 from meshweave.parallel.adaptive import CostModel
 
 ALL_TO_ALL_BYTES = 4 << 20
+SMALL_ALL_TO_ALL_BYTES = 4 << 10
 REPS = 2
 
 
@@ -45,6 +47,13 @@ def comm_bytes_per_token(cfg: Config, element_bytes: int) -> float:
     else:
         per_layer = 6 * kv_heads * head_dim
     return float(per_layer * m.n_layers * element_bytes)
+
+
+def collectives_per_sequence(cfg: Config) -> int:
+    """Collectives one sequence runs on a group per forward+backward, over all layers (Ulysses: q, k, v and the
+    output each way; the ring methods: about four exchanges per layer, counted alike)."""
+    per_layer = 8 if cfg.parallel.sp_method == "ulysses" else 4
+    return per_layer * cfg.model.n_layers
 
 
 def cache_path(cfg: Config, world_size: int, device_name: str) -> Path:
@@ -92,23 +101,31 @@ def time_compute(step: Callable[[Batch], None], vocab: int, lengths: list[int], 
                             op=torch.distributed.ReduceOp.MAX).tolist()
 
 
-def time_all_to_all(groups: dict[int, CommGroup], world: CommGroup, device: torch.device) -> dict[int, float]:
-    """Bytes per second of an all-to-all inside each group size (the slowest group's), as the planner reads it:
-    bytes this rank sends to the others over the time."""
-    measured = {}
+def time_all_to_all(groups: dict[int, CommGroup], world: CommGroup, device: torch.device) -> dict[str, dict[int, float]]:
+    """Per group size (the slowest group's): the bandwidth in bytes/s of a 4 MiB all-to-all (bytes this rank sends
+    to the others over the time) and the latency, the time of a 4 KiB one."""
+    bandwidth, latency = {}, {}
     for size in sorted(s for s in groups if s > 1):
-        group = groups[size]
-        buf = torch.ones(ALL_TO_ALL_BYTES // 4, dtype=torch.float32, device=device)
-        out = torch.empty_like(buf)
-        group.all_to_all_single(out, buf)  # warm-up (connects the group)
+        big = _timed_all_to_all(groups[size], world, ALL_TO_ALL_BYTES, device)
+        latency[size] = _timed_all_to_all(groups[size], world, SMALL_ALL_TO_ALL_BYTES, device)
+        bandwidth[size] = ALL_TO_ALL_BYTES * (size - 1) / size / max(big - latency[size], 1e-9)
+    return {"bandwidth": bandwidth, "latency": latency}
+
+
+def _timed_all_to_all(group: CommGroup, world: CommGroup, nbytes: int, device: torch.device) -> float:
+    """The slowest rank's best-of-REPS time of one all-to-all of `nbytes` in `group` (after a warm-up)."""
+    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    out = torch.empty_like(buf)
+    group.all_to_all_single(out, buf)  # warm-up (connects the group)
+    best = float("inf")
+    for _ in range(REPS):
         _sync(device)
         start = time.perf_counter()
         group.all_to_all_single(out, buf)
         _sync(device)
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
-        slowest = float(world.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)[0])
-        measured[size] = ALL_TO_ALL_BYTES * (size - 1) / size / max(slowest, 1e-9)
-    return measured
+        best = min(best, time.perf_counter() - start)
+    elapsed = torch.tensor([best], dtype=torch.float64, device=device)
+    return float(world.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)[0])
 
 
 def _random_row(n: int, vocab: int, g: torch.Generator, device: torch.device) -> Batch:
@@ -130,9 +147,10 @@ def measured_cost(cfg: Config, step: Callable[[Batch], None], model: nn.Module, 
     for param in model.parameters():
         param.grad = None
     alpha1, alpha2, beta = fit_compute(lengths, times)
-    bandwidth = time_all_to_all(groups, world, device)
-    return {"alpha1": alpha1, "alpha2": alpha2, "beta": beta, "bandwidth": {str(s): b for s, b in bandwidth.items()},
-            "lengths": lengths, "seconds": times}
+    links = time_all_to_all(groups, world, device)
+    return {"alpha1": alpha1, "alpha2": alpha2, "beta": beta,
+            "bandwidth": {str(s): b for s, b in links["bandwidth"].items()},
+            "latency": {str(s): t for s, t in links["latency"].items()}, "lengths": lengths, "seconds": times}
 
 
 def resolve_cost_model(cfg: Config, step: Callable[[Batch], None], model: nn.Module, groups: dict[int, CommGroup],
@@ -163,11 +181,13 @@ def cost_model(cfg: Config, measured: dict[str, object], element_bytes: int, n_r
     sizes = [1 << i for i in range(1, n_ranks.bit_length()) if (1 << i) <= n_ranks]
     if c.bandwidth_gbps:
         bandwidth = {s: c.bandwidth_gbps * 1e9 for s in sizes}
+    latency = [float(t) for t in (measured.get("latency") or {}).values()]
     return CostModel(alpha1=c.alpha1 or float(measured.get("alpha1", 0.0)),
                      alpha2=c.alpha2 or float(measured.get("alpha2", 0.0)),
                      beta=c.beta or float(measured.get("beta", 0.0)),
                      comm_bytes_per_token=comm_bytes_per_token(cfg, element_bytes),
-                     bandwidth=bandwidth)
+                     bandwidth=bandwidth,
+                     latency_per_sequence=collectives_per_sequence(cfg) * (max(latency) if latency else 0.0))
 
 
 def _read_cache(path: Path) -> dict[str, object] | None:
@@ -175,7 +195,7 @@ def _read_cache(path: Path) -> dict[str, object] | None:
         values = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return values if isinstance(values, dict) and {"alpha1", "alpha2", "beta", "bandwidth"} <= set(values) else None
+    return values if isinstance(values, dict) and {"alpha1", "alpha2", "beta", "bandwidth", "latency"} <= set(values) else None
 
 
 def _write_cache(path: Path, values: dict[str, object]) -> None:

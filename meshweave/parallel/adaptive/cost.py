@@ -39,9 +39,13 @@ class CostModel:
     beta: float                        # seconds per group per micro-batch
     comm_bytes_per_token: float        # bytes one token moves through the all-to-alls, all layers, fwd+bwd
     bandwidth: Mapping[int, float] = field(default_factory=dict)  # group size -> bytes/s
+    # Fixed seconds of the collectives one sequence runs on a group of s > 1 (all-to-alls per layer, fwd+bwd,
+    # times one's latency): what small messages cost beyond bandwidth. FlexSP's model has no such term; on a
+    # latency-bound link (gloo on CPU) without it every group size looked alike to the planner.
+    latency_per_sequence: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("alpha1", "alpha2", "beta", "comm_bytes_per_token"):
+        for name in ("alpha1", "alpha2", "beta", "comm_bytes_per_token", "latency_per_sequence"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"CostModel.{name} must be a finite number >= 0, got {value!r}")
@@ -59,10 +63,12 @@ class CostModel:
 
     def comm_time(self, length: int, size: int) -> float:
         """All-to-all seconds of one sequence of `length` tokens on a group of `size` ranks (0 at size 1)."""
-        if size == 1 or self.comm_bytes_per_token == 0:
+        if size == 1:
             return 0.0
+        if self.comm_bytes_per_token == 0:
+            return self.latency_per_sequence
         sent = self.comm_bytes_per_token * length * (size - 1) / size / size
-        return sent / self.bandwidth_at(size)
+        return sent / self.bandwidth_at(size) + self.latency_per_sequence
 
     def compute_time(self, length: int, size: int) -> float:
         """Compute seconds of one sequence on each member of a group of `size` ranks."""
@@ -78,6 +84,8 @@ class CostModel:
         t = (self.alpha1 * ls * ls + self.alpha2 * ls) / size
         if size > 1 and self.comm_bytes_per_token:
             t = t + self.comm_bytes_per_token * ls * (size - 1) / size / size / self.bandwidth_at(size)
+        if size > 1:
+            t = t + self.latency_per_sequence
         return t
 
     def group_time(self, lengths: Sequence[int], size: int) -> float:
