@@ -43,6 +43,23 @@ def train_and_collect(overrides: list[str], steps: int = 3) -> dict[str, Any]:
         return {"losses": losses, "grads": grads, "params": params, "coordinate": p.mesh.coordinate}
 
 
+def train_with_checkpoints(config: list[str], stop_after: int | None, checkpoint_dir: str | None,
+                           steps: int = 6) -> list[float]:
+    """`steps` steps of the trainer on `config` (a full list of overrides), checkpointing every 2 into
+    `checkpoint_dir` and resuming from it when it holds one, or only the first `stop_after` of them (the
+    schedule still that of `steps`); the losses of the steps run. For exact-resume tests."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        ckpt = [f"checkpoint.dir={checkpoint_dir}", "checkpoint.every_steps=2", "checkpoint.mode=sync"] if checkpoint_dir else []
+        trainer = build_trainer(load_config(None, [*config, f"train.steps={steps}", f"run_dir={run_dir}", *ckpt]))
+        if stop_after is None:
+            losses = trainer.train()
+        else:
+            losses = [float(trainer.train_step().loss) for _ in range(stop_after)]
+            trainer.p.checkpointer.close()
+        trainer.p.mesh.close()
+        return losses
+
+
 def merge_stage_results(results: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Union of gradients over ranks (pipeline stages hold disjoint layers; duplicates must agree)."""
     merged: dict[str, torch.Tensor] = {}

@@ -15,7 +15,7 @@ from meshweave.core.errors import ConfigError
 from meshweave.data.documents import DocumentDataset, TokenBudgetSampler
 from meshweave.data.text import SamplerStateError
 from meshweave.testing import run_distributed
-from meshweave.testing_equivalence import train_and_collect
+from meshweave.testing_equivalence import train_and_collect, train_with_checkpoints
 from meshweave.train.config import load_config
 from meshweave.train.validate import check
 
@@ -188,32 +188,14 @@ def test_reference_learns(reference):
 
 
 # --- resume and calibration --------------------------------------------------------------------------
-def _train_to(overrides: list[str], stop_after: int | None, checkpoint_dir: str) -> list[float]:
-    """6 steps (checkpointing every 2 into `checkpoint_dir` and resuming from it), or only the first `stop_after`."""
-    import tempfile
-
-    from meshweave.train.build import build_trainer
-
-    with tempfile.TemporaryDirectory() as run_dir:
-        ckpt = [f"checkpoint.dir={checkpoint_dir}", "checkpoint.every_steps=2", "checkpoint.mode=sync"]
-        trainer = build_trainer(load_config(None, ADAPTIVE + ["train.steps=6", f"run_dir={run_dir}", "logging.jsonl=false",
-                                                              *ckpt, *overrides]))
-        if stop_after is None:
-            losses = trainer.train()
-        else:
-            losses = [float(trainer.train_step().loss) for _ in range(stop_after)]
-            trainer.p.checkpointer.close()
-        trainer.p.mesh.close()
-        return losses
-
-
 @pytest.mark.slow
 def test_adaptive_training_resumes_on_another_number_of_ranks(tmp_path):
     """Stopped after 4 of 6 steps on 2 ranks, resumed on 4: the sampler's position is a count of sequences in one
     global order, so steps 5-6 see the same documents and match the uninterrupted 2-rank run."""
-    straight = run_distributed(_train_to, 2, [], None, str(tmp_path / "straight"))[0]
-    assert len(run_distributed(_train_to, 2, [], 4, str(tmp_path / "cut"))[0]) == 4
-    resumed = run_distributed(_train_to, 4, [], None, str(tmp_path / "cut"))[0]
+    config = ADAPTIVE + ["logging.jsonl=false"]
+    straight = run_distributed(train_with_checkpoints, 2, config, None, str(tmp_path / "straight"))[0]
+    assert len(run_distributed(train_with_checkpoints, 2, config, 4, str(tmp_path / "cut"))[0]) == 4
+    resumed = run_distributed(train_with_checkpoints, 4, config, None, str(tmp_path / "cut"))[0]
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(straight[4:]), rtol=2e-5, atol=0)
 
 

@@ -24,6 +24,7 @@ from meshweave.attention.dsp_comm import chunk_length, take_chunk
 from meshweave.core.errors import ConfigError
 from meshweave.models.registry import model_spec
 from meshweave.testing import run_distributed
+from meshweave.testing_equivalence import train_with_checkpoints
 from meshweave.train.config import load_config
 from meshweave.train.validate import check, validate
 
@@ -371,34 +372,16 @@ def test_loss_falls_on_the_builtin_videos_under_dsp():
     assert last < 0.4 * first, (first, last)
 
 
-def train_to(overrides: list[str], stop_after: int | None, checkpoint_dir: str | None) -> list[float]:
-    """6 steps of the trainer (checkpointing every 2 into `checkpoint_dir`, resuming from it when it holds one), or
-    only the first `stop_after` of them (the schedule still that of 6 steps); the losses of the steps run."""
-    import tempfile
-
-    from meshweave.train.build import build_trainer
-
-    with tempfile.TemporaryDirectory() as run_dir:
-        ckpt = [f"checkpoint.dir={checkpoint_dir}", "checkpoint.every_steps=2", "checkpoint.mode=sync"] if checkpoint_dir else []
-        trainer = build_trainer(load_config(None, BASE + ["train.steps=6", f"run_dir={run_dir}", *ckpt, *overrides]))
-        if stop_after is None:
-            losses = trainer.train()
-        else:
-            losses = [float(trainer.train_step().loss) for _ in range(stop_after)]
-            trainer.p.checkpointer.close()
-        trainer.p.mesh.close()
-        return losses
-
-
 @pytest.mark.slow
 def test_dsp_training_resumes_exactly(tmp_path):
     """Stopped after 4 of 6 steps and resumed under sp2 dsp: the model, optimizer, schedule and the video data
     position come back, so steps 5-6 have exactly the losses of an uninterrupted run (the clips are a function of
     seed and row)."""
     layout = ["parallel.sp=2", "parallel.sp_method=dsp", "parallel.dp=1"]
-    straight = run_distributed(train_to, 2, layout, None, None)[0]
-    assert len(run_distributed(train_to, 2, layout, 4, str(tmp_path))[0]) == 4
-    assert run_distributed(train_to, 2, layout, None, str(tmp_path))[0] == straight[4:]
+    config = BASE + layout
+    straight = run_distributed(train_with_checkpoints, 2, config, None, None)[0]
+    assert len(run_distributed(train_with_checkpoints, 2, config, 4, str(tmp_path))[0]) == 4
+    assert run_distributed(train_with_checkpoints, 2, config, None, str(tmp_path))[0] == straight[4:]
 
 
 # --- config errors and data -----------------------------------------------------------------------------------
