@@ -250,3 +250,29 @@ def test_cost_model_charges_collective_latency_on_groups_only():
     assert collectives_per_sequence(cfg) == 24  # q, k, v, out each way, per layer
     measured = {"alpha1": 1.0, "alpha2": 1.0, "beta": 1.0, "bandwidth": {"2": 1e9}, "latency": {"2": 1e-4, "4": 2e-4}}
     assert cost_model(cfg, measured, 4, 4).latency_per_sequence == pytest.approx(24 * 2e-4)
+
+
+def _plan_failure(overrides: list[str]) -> str:
+    """One step whose documents cannot keep every rank busy: the error every rank raises (nobody waits)."""
+    import tempfile
+
+    from meshweave.train.build import build_trainer
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = build_trainer(load_config(None, ADAPTIVE + [f"run_dir={run_dir}", "logging.jsonl=false", *overrides]))
+        try:
+            trainer.train_step()
+        except Exception as err:  # noqa: BLE001 - the test reads the message
+            return f"{type(err).__name__}: {err}"
+        finally:
+            trainer.p.mesh.close()
+        return "no error"
+
+
+def test_a_step_rank_0_cannot_plan_fails_on_every_rank_without_waiting():
+    # one sequence per step, groups capped at 1 rank (a static size of 1): two ranks cannot both have work
+    errors = run_distributed(_plan_failure, 2, ["data.tokens_per_step=1", "parallel.adaptive.strategy=static",
+                                                "parallel.adaptive.static_size=1",
+                                                "parallel.adaptive.tokens_per_rank=64"], timeout=120)
+    assert all(e.startswith("AdaptivePlanError") for e in errors), errors
+    assert "rank 0 could not plan" in errors[1] and "rank 0 could not plan" not in errors[0]

@@ -111,17 +111,27 @@ def sequence_lengths(batch: Batch) -> list[int]:
     return torch.bincount(batch.document_ids[0]).tolist()
 
 
-def broadcast_plan(plan: StepPlan | None, world: CommGroup, device: torch.device) -> StepPlan:
-    """Rank 0's plan on every rank: one broadcast of its integer encoding (length first, then the payload)."""
+class AdaptivePlanError(ValueError):
+    """No plan for this step (e.g. too few sequences to keep every rank busy); the message names the fix."""
+
+
+def broadcast_plan(plan: StepPlan | Exception | None, world: CommGroup, device: torch.device) -> StepPlan:
+    """Rank 0's plan on every rank: one broadcast of its integer encoding (length first, then the payload).
+    When rank 0 could not plan, every rank raises instead of waiting: rank 0 with the planner's message."""
     buffer = torch.zeros(PLAN_CAPACITY, dtype=torch.int64, device=device)
     if world.rank == 0:
-        code = plan.encode()
+        code = [] if isinstance(plan, Exception) else plan.encode()
         if len(code) + 1 > PLAN_CAPACITY:
-            raise ValueError(f"adaptive plan of {len(code)} integers does not fit the broadcast buffer; lower "
-                             f"data.tokens_per_step")
-        buffer[0] = len(code)
-        buffer[1:len(code) + 1] = torch.tensor(code, dtype=torch.int64)
+            plan = AdaptivePlanError(f"adaptive plan of {len(code)} integers does not fit the broadcast buffer; "
+                                     f"lower data.tokens_per_step")
+        buffer[0] = -1 if isinstance(plan, Exception) else len(code)
+        if code and not isinstance(plan, Exception):
+            buffer[1:len(code) + 1] = torch.tensor(code, dtype=torch.int64)
     buffer = world.broadcast(buffer, src=0).cpu()
+    if int(buffer[0]) < 0:
+        if isinstance(plan, Exception):
+            raise AdaptivePlanError(str(plan)) from plan
+        raise AdaptivePlanError("rank 0 could not plan this step (its log names the reason)")
     return StepPlan.decode(buffer[1:int(buffer[0]) + 1].tolist())
 
 
@@ -141,8 +151,7 @@ class AdaptiveRunner:
 
     def forward_backward(self, batch: Batch, global_targets: torch.Tensor) -> torch.Tensor:
         lengths = sequence_lengths(batch)
-        plan = self.settings.plan(lengths, self.cost) if self.world.rank == 0 else None
-        plan = self.last_plan = broadcast_plan(plan, self.world, self.device)
+        plan = self.last_plan = broadcast_plan(self._plan_on_rank0(lengths), self.world, self.device)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for i in range(len(plan.microbatches)):
             group = plan.group_of(i, self.world.rank)
@@ -153,16 +162,21 @@ class AdaptiveRunner:
                 total += self._forward_backward(micro, global_targets)
         return total
 
+    def _plan_on_rank0(self, lengths: list[int]) -> StepPlan | Exception | None:
+        if self.world.rank != 0:
+            return None
+        try:
+            return self.settings.plan(lengths, self.cost)
+        except ValueError as err:  # the planner's one-line reasons (a sequence too long, too few to fill the ranks)
+            return err
+
     def calibration_step(self, row: Batch) -> None:
         """Forward+backward of one row on this rank alone (the one-rank op), for timing the cost model; gradients
         are reduced as in a real step (so nothing stays in FSDP2's unsharded buffers) and dropped by the caller."""
         self._switch_ops(1)
-        targets = self.io_targets(row)
+        targets = (row.fields[self.io.target_field] != IGNORE_INDEX).sum().to(torch.float64)
         with gradient_sync(self.model, enabled=True):
             self._forward_backward(row, targets)
-
-    def io_targets(self, row: Batch) -> torch.Tensor:
-        return (row.fields[self.io.target_field] != IGNORE_INDEX).sum().to(torch.float64)
 
     def _switch_ops(self, size: int) -> dict[str, AttentionOp]:
         """Point every attention slot at its op over this rank's group of `size` (the ops capture their group
@@ -181,4 +195,5 @@ class AdaptiveRunner:
         return loss_sum.detach().double()
 
 
-__all__ = ["AdaptiveRunner", "PlannerSettings", "adaptive_max_group", "broadcast_plan", "group_ops", "sequence_lengths", "sequence_rows"]
+__all__ = ["AdaptivePlanError", "AdaptiveRunner", "PlannerSettings", "adaptive_max_group", "broadcast_plan", "group_ops",
+           "sequence_lengths", "sequence_rows"]
