@@ -13,12 +13,14 @@ import dataclasses
 
 import torch
 
+from meshweave.core.mesh import device_type_for
 from meshweave.core.schema import Config
 from meshweave.data.documents import TokenBudgetSampler, build_document_dataset
 from meshweave.models.registry import model_spec
 from meshweave.parallel.adaptive import CostModel, StepPlan
-from meshweave.parallel.adaptive_calibrate import _read_cache, cache_path, cost_model
+from meshweave.parallel.adaptive_calibrate import cache_path, cost_model, read_cache
 from meshweave.parallel.adaptive_sp import PlannerSettings
+from meshweave.train.build import compute_dtype
 
 ESTIMATE_FLOPS = 1e11  # FLOP/s assumed per rank by the uncalibrated estimate (a CPU core's order of magnitude)
 ESTIMATE_BANDWIDTH = 5e9  # bytes/s of the uncalibrated estimate's all-to-all
@@ -26,13 +28,14 @@ ESTIMATE_BANDWIDTH = 5e9  # bytes/s of the uncalibrated estimate's all-to-all
 
 def planning_cost(cfg: Config, world: int) -> tuple[CostModel, str]:
     """The cost model a plan is shown under, and where it came from."""
-    element_bytes = 4 if cfg.train.dtype in ("float32", "auto") and not torch.cuda.is_available() else 2
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    device_type = device_type_for(cfg.train.device)
+    element_bytes = torch.finfo(compute_dtype(cfg, device_type)).bits // 8  # as the run would train
+    device = torch.cuda.get_device_name(0) if device_type == "cuda" else "cpu"
     path = cache_path(cfg, world, device)
     c = cfg.parallel.adaptive.cost
     if c.alpha1 and c.alpha2 and c.beta and c.bandwidth_gbps:
         return cost_model(cfg, {}, element_bytes, world), "the config's parallel.adaptive.cost"
-    cached = _read_cache(path)
+    cached = read_cache(path)
     if cached is not None:
         return cost_model(cfg, cached, element_bytes, world), f"measured on this machine (cached in {path})"
     return cost_model(cfg, _flops_estimate(cfg, world), element_bytes, world), (

@@ -160,7 +160,7 @@ def resolve_cost_model(cfg: Config, step: Callable[[Batch], None], model: nn.Mod
     if c.alpha1 and c.alpha2 and c.beta and c.bandwidth_gbps:
         return cost_model(cfg, {}, element_bytes, world.size)  # all given: nothing to measure
     path = cache_path(cfg, world.size, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
-    cached = _read_cache(path) if world.rank == 0 else None
+    cached = read_cache(path) if world.rank == 0 else None
     have = world.broadcast(torch.tensor([int(cached is not None)], device=device), src=0)
     if int(have[0]):
         values = cached or {}
@@ -190,7 +190,7 @@ def cost_model(cfg: Config, measured: dict[str, object], element_bytes: int, n_r
                      latency_per_sequence=collectives_per_sequence(cfg) * (max(latency) if latency else 0.0))
 
 
-def _read_cache(path: Path) -> dict[str, object] | None:
+def read_cache(path: Path) -> dict[str, object] | None:
     try:
         values = json.loads(path.read_text())
     except (OSError, ValueError):

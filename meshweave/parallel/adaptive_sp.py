@@ -14,7 +14,7 @@ group that micro-batch, on its shard of the group's sequences packed into one ro
 - Loss: each rank's summed loss is scaled by world / (targets in the whole global batch), the same
   token-weighted normalisation as every other layout, so the gradient is the global batch's on one process.
 
-Communicates per step: one broadcast of the plan (a few hundred int64) over the world group, then what the
+Communicates per step: two broadcasts of the plan (its length, then a few hundred int64) over the world group, then what the
 SP method moves inside each group and FSDP2's collectives. Host syncs per step: the sequence lengths (to
 plan) — the planner runs on the host by nature.
 """
@@ -37,8 +37,6 @@ from meshweave.models.registry import model_spec
 from meshweave.models.spec import slot_kinds
 from meshweave.parallel.adaptive import CostModel, StepPlan, plan_step
 from meshweave.parallel.runner import ModelIO, autocast_context, gradient_sync, scaled_for_backward
-
-PLAN_CAPACITY = 1 << 16  # int64 slots of the broadcast plan buffer (a plan of 512 sequences takes ~2,000)
 
 
 @dataclass(frozen=True)
@@ -116,23 +114,19 @@ class AdaptivePlanError(ValueError):
 
 
 def broadcast_plan(plan: StepPlan | Exception | None, world: CommGroup, device: torch.device) -> StepPlan:
-    """Rank 0's plan on every rank: one broadcast of its integer encoding (length first, then the payload).
-    When rank 0 could not plan, every rank raises instead of waiting: rank 0 with the planner's message."""
-    buffer = torch.zeros(PLAN_CAPACITY, dtype=torch.int64, device=device)
-    if world.rank == 0:
-        code = [] if isinstance(plan, Exception) else plan.encode()
-        if len(code) + 1 > PLAN_CAPACITY:
-            plan = AdaptivePlanError(f"adaptive plan of {len(code)} integers does not fit the broadcast buffer; "
-                                     f"lower data.tokens_per_step")
-        buffer[0] = -1 if isinstance(plan, Exception) else len(code)
-        if code and not isinstance(plan, Exception):
-            buffer[1:len(code) + 1] = torch.tensor(code, dtype=torch.int64)
-    buffer = world.broadcast(buffer, src=0).cpu()
-    if int(buffer[0]) < 0:
+    """Rank 0's plan on every rank: two broadcasts, the length of its integer encoding (-1: no plan) and then
+    the encoding itself (a few hundred int64). When rank 0 could not plan, every rank raises instead of
+    waiting: rank 0 with the planner's message."""
+    code = plan.encode() if world.rank == 0 and not isinstance(plan, Exception) else []
+    header = torch.tensor([-1 if isinstance(plan, Exception) else len(code)], dtype=torch.int64, device=device)
+    length = int(world.broadcast(header, src=0)[0])
+    if length < 0:
         if isinstance(plan, Exception):
             raise AdaptivePlanError(str(plan)) from plan
         raise AdaptivePlanError("rank 0 could not plan this step (its log names the reason)")
-    return StepPlan.decode(buffer[1:int(buffer[0]) + 1].tolist())
+    payload = torch.tensor(code, dtype=torch.int64, device=device) if world.rank == 0 else \
+        torch.empty(length, dtype=torch.int64, device=device)
+    return StepPlan.decode(world.broadcast(payload, src=0).cpu().tolist())
 
 
 class AdaptiveRunner:
