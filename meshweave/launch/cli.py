@@ -1,4 +1,4 @@
-"""`meshweave` command line: train, plan, config, ckpt.
+"""`meshweave` command line: train, plan, config, ckpt, slurm, bench, swarm.
 
 Problems found before any process starts are one line on stderr: exit status 2 for the config (and
 the command line), 3 for data, checkpoints or paths that cannot be used. A failed or interrupted
@@ -110,7 +110,16 @@ def _parser() -> argparse.ArgumentParser:
     ckpt = sub.add_parser("ckpt", help="inspect checkpoints: ckpt list DIR | ckpt verify DIR")
     ckpt.add_argument("rest", nargs=argparse.REMAINDER)
     ckpt.set_defaults(func=cmd_ckpt)
+    for register in _command_modules():
+        register(sub, with_config)
     return parser
+
+
+def _command_modules() -> list:
+    """The subcommands that live in their own modules (each adds its parsers; none loads torch at import)."""
+    from meshweave.launch import bench_cli, slurm_cli, swarm_cli
+
+    return [slurm_cli.register, bench_cli.register, swarm_cli.register]
 
 
 def cmd_config(args: argparse.Namespace) -> int:

@@ -1,0 +1,10 @@
+"""`meshweave slurm`: write or submit an sbatch script for a config (issue 14)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+
+def register(sub: argparse._SubParsersAction, with_config: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """Add this module's subcommand(s) to the `meshweave` parser."""

@@ -1,0 +1,10 @@
+"""`meshweave swarm coordinator|peer`: SWARM fault-tolerant pipelines (issue 13)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+
+def register(sub: argparse._SubParsersAction, with_config: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """Add this module's subcommand(s) to the `meshweave` parser."""
