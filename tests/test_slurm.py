@@ -108,3 +108,37 @@ srun --ntasks 1 timeout -k 5 150 {PY} -m torch.distributed.run --nnodes 1 --npro
     assert [line.split()[1] for line in progress] == ["2/4", "4/4"], output[-3000:]
     for rank in (0, 1):
         assert [r["step"] for r in _records(tmp_path / "run" / "metrics" / f"rank{rank}.jsonl")] == [2, 4]
+
+
+# -- `meshweave slurm`: the script it writes, submitted to the real cluster ---------------------------------
+
+def _meshweave_slurm(cluster, tmp_path, *extra, steps=4, timeout=60):
+    """`meshweave slurm --submit` for 1 node x 2 CPU processes of the built-in config; returns the job id."""
+    proc = cluster.run([PY, "-m", "meshweave", "slurm", "--nodes", "1", "--gpus-per-node", "0", "--nproc-per-node", "2",
+                        "--cpus-per-node", "2", "--time", "5", "--job-name", "mwtest", "--output", str(tmp_path / "logs"),
+                        "--python", PY, "--submit", "--set", f"run_dir={tmp_path}/run", *SHORT,
+                        "--set", f"train.steps={steps}", *extra], timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_id = proc.stdout.strip()
+    assert job_id.isdigit(), proc.stdout
+    assert "1 node(s) x 2 = 2 processes: dp=2" in proc.stderr
+    return job_id
+
+
+def test_meshweave_slurm_submit_runs_training(slurm_cluster, tmp_path):  # noqa: F811
+    """`meshweave slurm ... --submit`: the sbatch script starts one torchrun (2 workers) through srun, rendezvous
+    on the job's first node; the job trains 4 steps and completes."""
+    job_id = _meshweave_slurm(slurm_cluster, tmp_path)
+    state = slurm_cluster.wait_job(job_id, timeout=180)
+    log = tmp_path / "logs" / f"mwtest-{job_id}.out"
+    output = log.read_text() if log.exists() else "(no job output)"
+    assert "JobState=COMPLETED" in state and "ExitCode=0:0" in state, f"{state}\n{output[-3000:]}"
+    port = 20000 + int(job_id) % 20000
+    assert f"meshweave: job {job_id} (restart 0) on {slurm_cluster.node}, rendezvous {slurm_cluster.node}:{port}" \
+        in output, output[-3000:]
+    progress = [line for line in output.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in progress] == ["2/4", "4/4"], output[-3000:]
+    for rank in (0, 1):
+        records = _records(tmp_path / "run" / "metrics" / f"rank{rank}.jsonl")
+        assert [r["step"] for r in records] == [2, 4]
+        assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in records)
