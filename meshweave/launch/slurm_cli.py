@@ -16,8 +16,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from meshweave.core.config import ConfigError
 
@@ -93,7 +93,7 @@ def _submit(script: str, path: str | None) -> int:
         return EXIT_NO_SBATCH
     cmd = [sbatch, "--parsable"] + ([path] if path else [])
     try:
-        proc = subprocess.run(cmd, input=None if path else script, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(cmd, input=None if path else script, capture_output=True, text=True, timeout=120, check=False)
     except subprocess.TimeoutExpired:
         print("meshweave: submit error: sbatch did not answer within 120 s", file=sys.stderr)
         return EXIT_SUBMIT
