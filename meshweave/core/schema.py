@@ -172,6 +172,8 @@ class CheckpointConfig:
     levels: list[str] = field(default_factory=lambda: ["local"])  # flush chain: memory, local, persistent
     persistent_dir: str | None = None  # shared/persistent directory, for the persistent level
     resume: bool = True  # resume from the newest complete checkpoint in dir
+    verify: bool = True  # check every file a resume reads against the manifest's checksums (false: skip)
+    writer: Literal["thread", "process"] = "thread"  # lazy mode: disk writes in a background thread or a writer process
 
     @property
     def enabled(self) -> bool:
