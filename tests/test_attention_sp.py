@@ -20,6 +20,8 @@ import pytest
 import torch
 
 from meshweave.attention import unshard_sequence
+from meshweave.attention.layout import shard_segments
+from meshweave.attention.tokenring_comm import build_route, tokenring_bytes
 from meshweave.models.attention_api import AttentionMeta, local_attention
 from meshweave.testing import run_distributed
 from tests.attention_helpers import B, D, H, Case, Groups, make_inputs, merged_snapshot, reference_with_grads
@@ -83,8 +85,8 @@ def _unshard(case: Case, shards: list[dict], key: str) -> torch.Tensor:
     return unshard_sequence([s[key].to(torch.float64) for s in ordered], case.method, dim=1, ulysses_degree=case.ulysses)
 
 
-def expected_comm(case: Case, p: int) -> tuple[dict, dict]:
-    """Analytic calls and bytes per (group/op) for forward and backward, per rank."""
+def expected_comm(case: Case, p: int, rank: int = 0) -> tuple[dict, dict]:
+    """Analytic calls and bytes per (group/op) for forward and backward, of group rank `rank`."""
     e = case.torch_dtype.itemsize
     a = 8 if case.dtype == "float64" else 4
     sl = case.tokens_per_rank
@@ -119,10 +121,13 @@ def expected_comm(case: Case, p: int) -> tuple[dict, dict]:
     def tokenring(name, pr, s):
         if pr == 1:
             return
-        qn, part = B * H * s * D, B * H * s * (D + 1)
+        # only the query rows a peer needs travel (tokenring_comm.py; tests/test_tokenring_zigzag.py
+        # checks that route against the closed-form zigzag count)
+        route = build_route([shard_segments("tokenring", s * pr, pr, i) for i in range(pr)], case.causal)
+        table = tokenring_bytes(route, rank, B, H, D, e, a)
         for kind in ("send", "recv"):
-            add(fwd, f"{name}/{kind}", 2 * (pr - 1), (pr - 1) * (qn * e + part * a))
-            add(bwd, f"{name}/{kind}", 3 * (pr - 1), (pr - 1) * (2 * qn * e + part * a + qn * a))
+            add(fwd, f"{name}/{kind}", *table["forward"][kind])
+            add(bwd, f"{name}/{kind}", *table["backward"][kind])
         if case.docs:
             add(fwd, f"{name}/all_gather", 1, B * s * 8)
 
@@ -159,8 +164,8 @@ def check_case(case: Case, p: int, shards: list[dict]) -> None:
             base = (single[key].double() - ref[key]).abs()
             assert err.max() <= 2 * base.max(), f"{case} {key}: max err {err.max():.3g} vs single bf16 {base.max():.3g}"
             assert err.mean() <= 2 * base.mean(), f"{case} {key}: mean err {err.mean():.3g} vs single {base.mean():.3g}"
-    fwd, bwd = expected_comm(case, p)
     for shard in shards:
+        fwd, bwd = expected_comm(case, p, shard["rank"])
         assert shard["fwd"] == fwd, f"{case} forward traffic {shard['fwd']} != {fwd}"
         assert shard["bwd"] == bwd, f"{case} backward traffic {shard['bwd']} != {bwd}"
 

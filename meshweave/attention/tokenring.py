@@ -3,21 +3,29 @@
 Hand-written: the public TokenRing code (ACA-Lab-SJTU/token-ring) is CUDA-only and has no
 backward; the backward below is our own design.
 
-Forward, rank r of P (zigzag layout): at step s it holds the queries of rank j = (r - s) mod P and
-computes their partial (out, lse) against its own K/V. One batch per step posts, together,
-the queries for step s+1 (send to r+1, receive from r-1) and the packed partial (out | lse) of step
-s-1 straight back to its owner (send to r-(s-1), receive from r+(s-1)). The owner merges the
+Forward, rank r of P (zigzag layout): at step s it holds the queries of rank j = (r + s) mod P (Q
+travels r -> r-1) and computes their partial (out, lse) against its own K/V. One batch per step posts,
+together, the queries for step s+1 (send to r-1, receive from r+1) and the packed partial (out | lse)
+of step s-1 straight back to its owner (send to r+(s-1), receive from r-(s-1)). The owner merges the
 partials in a fixed order (fp32, fp64 for fp64).
+
+Reduced send (tokenring_comm.py): only the query rows that some later holder needs travel, and only
+the rows a holder's keys can see come back as partials. Under the zigzag causal layout a holder whose
+keys all lie after the owner's first chunk needs only the second half of Q; with Q moving r -> r-1 the
+route reaches those holders last, so from the wrap on only half of Q (and half a partial) moves.
+Rows are chosen by position only, so the sizes are known everywhere without communication.
 
 Backward: the gradient of a (Q_j, KV_r) block needs Q_j, dO_j and the global O_j, lse_j of the
 query owner, and contributes dK_r, dV_r (which stay on rank r: no dK/dV traffic at all) and dQ_j
 (which goes back to its owner). So the owner's packet (Q | dO) and (O | lse) travels the same way
-Q did, and each partial dQ travels straight back to its owner, concurrently.
+(and with the same rows) Q did, and each partial dQ travels straight back to its owner, concurrently.
 
-Communication per call (Qe = B*H*S_local*D elements; e = input, a = accumulation element size):
-    forward : P-1 sends + receives of Q (Qe*e), P-1 of (out|lse) (B*H*S_local*(D+1)*a)
-    backward: P-1 sends + receives of (Q|dO) (2*Qe*e), of (O|lse) (B*H*S_local*(D+1)*a),
-              and of dQ (Qe*a)                    (+1 all_gather of document ids in forward)
+Communication per call (per row of Q: e = input, a = accumulation element size; rows as above):
+    forward : P-1 sends + receives of Q rows (B*H*D*e per row), P-1 of (out|lse) (B*H*(D+1)*a per row)
+    backward: P-1 sends + receives of (Q|dO) (2*B*H*D*e per row), of (O|lse) (B*H*(D+1)*a per row),
+              and of dQ (B*H*D*a per row)          (+1 all_gather of document ids in forward)
+    Without a causal mask every message carries all S_local rows; under the zigzag causal layout
+    `tokenring_bytes` gives the exact figure (about 3/4 of the full-Q traffic).
 """
 
 from __future__ import annotations
@@ -27,21 +35,20 @@ from collections.abc import Sequence
 import torch
 
 from meshweave.attention.local import accum_dtype
-from meshweave.attention.masks import Segment
+from meshweave.attention.masks import BlockCall, Segment
 from meshweave.attention.merge import PartialAccumulator
 from meshweave.attention.ring import (
     Plan,
     attend_block,
     attend_block_backward,
     blockwise_autograd,
-    ring_plans,
+    cached,
+    step_plans,
 )
 from meshweave.attention.ring_comm import next_rank, prev_rank, start_exchange
+from meshweave.attention.tokenring_comm import Route, build_route, relative
 from meshweave.core.comm import CommGroup
 from meshweave.models.attention_api import BatchCache
-
-_ALL = slice(None)
-
 
 def _pack(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return torch.cat([out, lse[..., None]], dim=-1)
@@ -51,74 +58,156 @@ def _unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed[..., :-1], packed[..., -1]
 
 
-def _tokenring_forward(q, k, v, group: CommGroup, plans: list[Plan], scale: float, backend: str):
+def _rows(x: torch.Tensor, rows: slice, dim: int) -> torch.Tensor:
+    return x.narrow(dim, rows.start, rows.stop - rows.start)
+
+
+def _shifted(call: BlockCall, held: slice, device: torch.device) -> BlockCall:
+    """`call` with its query rows counted from the first held row, its dense mask on `device`."""
+    mask = call.mask
+    if isinstance(mask, torch.Tensor) and mask.device != device:
+        mask = mask.to(device, non_blocking=True)
+    return BlockCall(relative(call.q_rows, held), call.k_rows, mask, call.batch)
+
+
+def tokenring_plans(group: CommGroup, segments: Sequence[Sequence[Segment]], causal: bool,
+                    document_ids: torch.Tensor | None, cache: BatchCache | None) -> tuple[Route, list[Plan]]:
+    """The route and, per step s, the kernel calls for (held rows of Q_{r+s}) x (this rank's keys).
+
+    Host work, once per batch (kept in `cache`). Communicates: one all_gather of document ids over
+    `group` (when given), on the first call of a batch.
+    """
+    def compute() -> tuple[Route, list[Plan]]:
+        docs = None
+        if document_ids is not None:
+            docs = list(group.all_gather(document_ids.contiguous(), dim=0).cpu().chunk(group.size))
+        r, p = group.rank, group.size
+        route = build_route(segments, causal)
+        plans = step_plans(group, lambda s: (r + s) % p, lambda s: r, segments, causal, docs)
+        device = document_ids.device if document_ids is not None else torch.device("cpu")
+        held = [route.carry[(r + s) % p][s] for s in range(p)]
+        return route, [[_shifted(c, held[s], device) for c in plan] for s, plan in enumerate(plans)]
+
+    key = ("tokenring_route", group.name, tuple(group.ranks), tuple(map(tuple, segments)), causal)
+    return cached(cache, key, compute)
+
+
+def _q_exchange(group: CommGroup, route: Route, s: int, held, like: torch.Tensor, dim: int):
+    """(sends, recvs, incoming buffer or None) moving the held rows of step s to rank-1 for step s+1."""
+    r, sends, recvs, incoming = group.rank, [], [], None
+    out_rows = route.rows_sent_q(r, s)
+    if out_rows is not None:
+        sends.append((_rows(held[0], relative(out_rows, held[1]), dim), prev_rank(group)))
+    in_rows = route.rows_received_q(r, s)
+    if in_rows is not None:
+        shape = list(like.shape)
+        shape[dim] = in_rows.stop - in_rows.start
+        incoming = torch.empty(shape, dtype=like.dtype, device=like.device)
+        recvs.append((incoming, next_rank(group)))
+    return sends, recvs, (incoming, in_rows)
+
+
+def _partial_exchange(group: CommGroup, route: Route, s: int, done, held: slice, like: torch.Tensor, dim: int):
+    """(sends, recvs, (buffer, rows)) returning the partial of step s (computed over `held` rows) to
+    its owner, and receiving this rank's own partial of step s from its holder."""
+    r, sends, recvs = group.rank, [], []
+    out_rows = route.rows_partial_sent(r, s)
+    if out_rows is not None:  # rows needed here were held here (need is inside carry), so done exists
+        sends.append((_rows(done, relative(out_rows, held), dim), next_rank(group, s)))
+    in_rows = route.rows_partial_received(r, s)
+    back = None
+    if in_rows is not None:
+        shape = list(like.shape)
+        shape[dim] = in_rows.stop - in_rows.start
+        back = torch.empty(shape, dtype=like.dtype, device=like.device)
+        recvs.append((back, prev_rank(group, s)))
+    return sends, recvs, (back, in_rows)
+
+
+def _tokenring_forward(q, k, v, group: CommGroup, plans, scale: float, backend: str):
+    route, steps = plans
     p, acc_dtype = group.size, accum_dtype(q.dtype)
     mine = PartialAccumulator(q, acc_dtype)
-    q_cur, done = q, None  # done: packed partial of the previous step, owned by another rank
+    packed_like = torch.empty(*q.shape[:-1], q.shape[-1] + 1, dtype=acc_dtype, device=q.device)
+    cur = (q, route.carry[group.rank][0])  # (held queries, which rows of the owner they are)
+    done = (None, None)  # (packed partial of the previous step, the owner's rows it covers)
     for s in range(p):
-        sends, recvs = [], []
+        sends, recvs, incoming = [], [], (None, None)
         if s < p - 1:
-            q_next = torch.empty_like(q)
-            sends.append((q_cur, next_rank(group)))
-            recvs.append((q_next, prev_rank(group)))
-        if done is not None:
-            back = torch.empty(*q.shape[:-1], q.shape[-1] + 1, dtype=acc_dtype, device=q.device)
-            sends.append((done, prev_rank(group, s - 1)))
-            recvs.append((back, next_rank(group, s - 1)))
+            sends, recvs, incoming = _q_exchange(group, route, s, cur, q, dim=2)
+        back = (None, None)
+        if s >= 2:  # the partial of step s-1 (step 0's stays here)
+            ps, pr, back = _partial_exchange(group, route, s - 1, *done, packed_like, dim=2)
+            sends, recvs = sends + ps, recvs + pr
         work = start_exchange(group, sends, recvs)
-        part = mine if s == 0 else PartialAccumulator(q, acc_dtype)
-        attend_block(q_cur, k, v, plans[s], part, scale, backend)
+        part = None
+        if s == 0:
+            attend_block(cur[0], k, v, steps[0], mine, scale, backend)
+        elif cur[0] is not None:
+            part = PartialAccumulator(cur[0], acc_dtype)
+            attend_block(cur[0], k, v, steps[s], part, scale, backend)
         work.wait()
-        if done is not None:
-            _merge_packed(mine, back)
-        done = _pack(part.out, part.lse) if s > 0 else None
+        if back[0] is not None:
+            _merge_packed(mine, back[0], back[1])
+        done = (_pack(part.out, part.lse), cur[1]) if part is not None else (None, None)
         if s < p - 1:
-            q_cur = q_next
-    if done is not None:  # the partial of the last step
-        back = torch.empty_like(done)
-        start_exchange(group, [(done, prev_rank(group, p - 1))], [(back, next_rank(group, p - 1))]).wait()
-        _merge_packed(mine, back)
+            cur = incoming
+    if p > 1:  # the partial of the last step
+        ps, pr, back = _partial_exchange(group, route, p - 1, *done, packed_like, dim=2)
+        start_exchange(group, ps, pr).wait()
+        if back[0] is not None:
+            _merge_packed(mine, back[0], back[1])
     return mine.out, mine.lse
 
 
-def _merge_packed(acc: PartialAccumulator, packed: torch.Tensor) -> None:
+def _merge_packed(acc: PartialAccumulator, packed: torch.Tensor, rows: slice) -> None:
     out, lse = _unpack(packed)
     if not bool(torch.isneginf(lse).all()):  # a block where no query saw a key is never merged
-        acc.add(_ALL, out, lse)
+        acc.add(rows, out, lse)
 
 
-def _tokenring_backward(dout, q, k, v, out, lse, group: CommGroup, plans: list[Plan], scale: float, backend: str):
+def _tokenring_backward(dout, q, k, v, out, lse, group: CommGroup, plans, scale: float, backend: str):
+    route, steps = plans
     p, acc_dtype = group.size, accum_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc_dtype, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
     qdo = torch.stack([q, dout.to(q.dtype)])  # travels with Q
     olse = _pack(out, lse)  # global out | lse of the same queries, accumulation dtype
-    dq_done = None
+    held = route.carry[group.rank][0]
+    cur_qdo, cur_olse = (qdo, held), (olse, held)
+    dq_done = (None, None)  # (partial dQ of the previous step, the owner's rows it covers)
     for s in range(p):
         sends, recvs = [], []
+        in_qdo = in_olse = (None, None)
         if s < p - 1:
-            qdo_next, olse_next = torch.empty_like(qdo), torch.empty_like(olse)
-            sends += [(qdo, next_rank(group)), (olse, next_rank(group))]
-            recvs += [(qdo_next, prev_rank(group)), (olse_next, prev_rank(group))]
-        if dq_done is not None:
-            dq_back = torch.empty_like(dq_done)
-            sends.append((dq_done, prev_rank(group, s - 1)))
-            recvs.append((dq_back, next_rank(group, s - 1)))
+            s1, r1, in_qdo = _q_exchange(group, route, s, cur_qdo, qdo, dim=3)
+            s2, r2, in_olse = _q_exchange(group, route, s, cur_olse, olse, dim=2)
+            sends, recvs = s1 + s2, r1 + r2  # (Q|dO) then (O|lse): the same order on every rank
+        back = (None, None)
+        if s >= 2:
+            ps, pr, back = _partial_exchange(group, route, s - 1, *dq_done, dq, dim=2)
+            sends, recvs = sends + ps, recvs + pr
         work = start_exchange(group, sends, recvs)
-        dq_part = dq if s == 0 else torch.zeros_like(dq)
-        o, l = _unpack(olse)
-        attend_block_backward(qdo[1], qdo[0], k, v, o, l, plans[s], dq_part, dk, dv, scale, backend)
+        dq_part = None
+        if s == 0:
+            dq_part = dq
+        elif cur_qdo[0] is not None:
+            dq_part = torch.zeros(cur_qdo[0].shape[1:], dtype=acc_dtype, device=q.device)
+        if dq_part is not None:
+            o, l = _unpack(cur_olse[0])
+            attend_block_backward(cur_qdo[0][1], cur_qdo[0][0], k, v, o, l, steps[s], dq_part, dk, dv, scale, backend)
         work.wait()
-        if dq_done is not None:
-            dq += dq_back
-        dq_done = dq_part if s > 0 else None
+        if back[0] is not None:
+            dq[:, :, back[1]] += back[0]
+        dq_done = (dq_part, cur_qdo[1]) if dq_part is not None else (None, None)
         if s < p - 1:
-            qdo, olse = qdo_next, olse_next
-    if dq_done is not None:
-        dq_back = torch.empty_like(dq_done)
-        start_exchange(group, [(dq_done, prev_rank(group, p - 1))], [(dq_back, next_rank(group, p - 1))]).wait()
-        dq += dq_back
+            cur_qdo, cur_olse = in_qdo, in_olse
+    if p > 1:
+        ps, pr, back = _partial_exchange(group, route, p - 1, *dq_done, dq, dim=2)
+        start_exchange(group, ps, pr).wait()
+        if back[0] is not None:
+            dq[:, :, back[1]] += back[0]
     return dq, dk, dv
 
 
@@ -141,5 +230,5 @@ def tokenring_attention(
 
     Same contract as `ring_attention`; communicates as in the module docstring.
     """
-    plans = ring_plans("tokenring", group, segments, causal, document_ids, cache)
+    plans = tokenring_plans(group, segments, causal, document_ids, cache)
     return _TokenRingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), group, plans, scale, backend)
