@@ -7,6 +7,7 @@ Top to bottom. Packages in one layer stand beside each other and may not import 
 LAYERS: list[tuple[str, ...]] = [
     ("__main__", "testing", "testing_equivalence"),  # `python -m meshweave`, the multi-process test harness
     ("launch",),  # CLI and process start
+    ("swarm",),  # fault-tolerant pipelines: a second runtime that reuses train's optimizer and schedule
     ("train",),  # assemble and run a job: it may import everything below
     ("parallel",),  # apply parallelisms, step runners
     ("attention",),  # sequence-parallel ops and local kernels

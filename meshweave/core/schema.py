@@ -201,6 +201,29 @@ class LoggingConfig:
 
 
 @dataclass
+class FaultToleranceConfig:
+    """SWARM-style fault-tolerant pipelines (meshweave/swarm/): each stage is served by interchangeable peers.
+
+    mode swarm: `meshweave swarm coordinator CONFIG` plus any number of `meshweave swarm peer CONFIG`,
+    or all of it locally from `meshweave train CONFIG` (one coordinator and `peers` per stage).
+    Timeouts must rise in this order: heartbeat_s < dead_after_s < transfer_timeout_s.
+    """
+
+    mode: Literal["off", "swarm"] = "off"
+    stages: AtLeast1 = 2  # pipeline stages; the model's layers are split evenly
+    peers: list[int] = field(default_factory=lambda: [2, 2])  # local runs: peers started per stage
+    microbatches: AtLeast1OrAuto = 0  # per step; 0 = one per sequence of train.global_batch
+    coordinator: str = "127.0.0.1:29470"  # host:port the coordinator listens on and peers connect to
+    heartbeat_s: Positive = 0.5  # how often a peer says it is alive
+    dead_after_s: Positive = 5.0  # a peer silent this long is declared dead
+    transfer_timeout_s: Positive = 60.0  # an activation, gradient or all-reduce slower than this fails the step
+    rebalance_every_s: NonNegative = 30.0  # least time between two peer moves; 0 = never move peers
+    rebalance_gain: Annotated[float, Range(gt=1.0)] = 1.25  # move only if the bottleneck improves this much
+    min_peers_per_stage: AtLeast1 = 1  # a stage never gives away its last peers below this
+    wait_for_peers_s: Positive = 600.0  # a stage without peers pauses the job this long for one to join
+
+
+@dataclass
 class Config:
     version: int = SCHEMA_VERSION
     run_dir: str = "runs/default"  # metrics and the resolved config; relative to the working directory
@@ -210,3 +233,4 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)

@@ -157,6 +157,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     env = _launch_env()
     if env.kind == "standalone":
         nproc = cfg.train.nproc if args.nproc is None else _count("--nproc", args.nproc)
+        if cfg.fault_tolerance.mode == "swarm":
+            return _train_swarm(cfg)
         check(cfg, nproc)
         cfg = resolve_defaults(cfg, nproc)
         _preflight(cfg, nproc, local_ranks=nproc)
@@ -173,6 +175,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     run_worker(to_dict(cfg))  # a failed or interrupted rank exits inside, with its own status
     return 0
+
+
+def _train_swarm(cfg) -> int:
+    """fault_tolerance.mode: swarm from `meshweave train`: coordinator and peers on this machine."""
+    from meshweave.train.validate_swarm import check_swarm
+
+    check_swarm(cfg)
+    from meshweave.launch.swarm_local import run_local
+
+    return run_local(cfg)
 
 
 def _launch_env() -> LaunchEnv:
