@@ -8,6 +8,7 @@ root, slurmd refusing to start on a cgroup2-only machine). Every srun/sbatch is 
 import json
 import re
 import sys
+import time
 
 import pytest
 
@@ -142,3 +143,45 @@ def test_meshweave_slurm_submit_runs_training(slurm_cluster, tmp_path):  # noqa:
         records = _records(tmp_path / "run" / "metrics" / f"rank{rank}.jsonl")
         assert [r["step"] for r in records] == [2, 4]
         assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in records)
+
+
+def _job_state(cluster, job_id):
+    info = cluster.run(["scontrol", "show", "job", job_id], timeout=10).stdout
+    match = re.search(r"JobState=(\S+)", info)
+    return (match.group(1) if match else "?"), info
+
+
+def test_meshweave_slurm_requeue_resumes_from_checkpoint(slurm_cluster, tmp_path):  # noqa: F811
+    """The time-limit warning (SIGUSR1 to the batch shell, as `--signal=B:USR1@120` sends it) makes the script
+    stop the ranks with SIGTERM (they save a checkpoint at the step they reached) and requeue the job; the
+    requeued job runs the script again and `meshweave train` resumes from that checkpoint to the end."""
+    job_id = _meshweave_slurm(slurm_cluster, tmp_path, "--set", f"checkpoint.dir={tmp_path}/ckpt",
+                              "--set", "checkpoint.every_steps=100", steps=40)
+    log = tmp_path / "logs" / f"mwtest-{job_id}.out"
+    end = time.monotonic() + 150
+    while not (log.exists() and re.search(r"^step (6|8|10)/40", log.read_text(), re.MULTILINE)):
+        assert time.monotonic() < end, f"no step 6-10 within 150 s:\n{log.read_text() if log.exists() else ''}"
+        assert _job_state(slurm_cluster, job_id)[0] in ("PENDING", "CONFIGURING", "RUNNING"), log.read_text()
+        time.sleep(0.3)
+    sent = slurm_cluster.run(["scancel", "--batch", "--signal=USR1", job_id], timeout=10)
+    assert sent.returncode == 0, sent.stderr
+    end = time.monotonic() + 240
+    while True:
+        state, info = _job_state(slurm_cluster, job_id)
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            break
+        if state == "PENDING" and "Reason=BeginTime" in info:  # a requeued job waits out a begin delay
+            slurm_cluster.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], timeout=10)
+        assert time.monotonic() < end, f"job still {state} after 240 s:\n{info}\n{log.read_text()[-3000:]}"
+        time.sleep(0.5)
+    output = log.read_text()
+    assert state == "COMPLETED" and "Restarts=1" in info, f"{info}\n{output[-4000:]}"
+    assert f"meshweave: job {job_id} near its time limit or preempted: saving and requeueing" in output
+    assert f"meshweave: job {job_id} (restart 1)" in output, output[-4000:]
+    saved = re.findall(r"resumed from checkpoint at step (\d+)", output)
+    assert len(saved) == 1 and 6 <= int(saved[0]) < 40, output[-4000:]
+    first, second = output.split(f"meshweave: job {job_id} (restart 1)")
+    assert not re.search(r"^step 40/40", first, re.MULTILINE)  # stopped early, then finished in the requeued run
+    assert re.search(r"^step 40/40", second, re.MULTILINE), second[-3000:]
+    steps = [r["step"] for r in _records(tmp_path / "run" / "metrics" / "rank0.jsonl")]
+    assert steps[-1] == 40 and steps == sorted(steps)  # the requeued run continued after the saved step

@@ -168,7 +168,9 @@ echo "meshweave: job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLU
 
 requeue() {{
     echo "meshweave: job $SLURM_JOB_ID near its time limit or preempted: saving and requeueing"
-    kill -TERM "$srun_pid" 2>/dev/null  # srun passes SIGTERM on; every rank saves at the next step and stops
+    # SIGTERM to the training step's tasks (torchrun passes it to its workers): every rank stops at the next
+    # step and saves. (SIGTERM to srun itself would end the step at once, with nothing saved.)
+    scancel --signal=TERM "$SLURM_JOB_ID.0"
     wait "$srun_pid"
     scontrol requeue "$SLURM_JOB_ID"
 }}
