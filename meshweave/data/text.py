@@ -200,12 +200,16 @@ class DistributedSampler:
     any data-parallel degree: data-parallel rank r of dp takes the r-th slice of each global batch.
     The dp degree is recorded; loading under another degree is refused unless `allow_dp_change`
     (the checkpoint layer allows it: the global position makes the reshard exact).
+    `row_tokens` (train.seq_len, when known) is recorded too: a state saved with another row length
+    over the same corpus (a long-context recipe's next stage) resumes at the same number of tokens
+    consumed, rounded up to whole rows (a new shuffle of the new rows: the exact rows cannot carry over).
     """
 
-    def __init__(self, num_rows: int, global_batch: int, dp_rank: int, dp_degree: int, seed: int) -> None:
+    def __init__(self, num_rows: int, global_batch: int, dp_rank: int, dp_degree: int, seed: int,
+                 row_tokens: int | None = None) -> None:
         if global_batch % dp_degree:
             raise ValueError(f"global batch {global_batch} is not divisible by dp degree {dp_degree}")
-        self.num_rows, self.global_batch, self.seed = num_rows, global_batch, seed
+        self.num_rows, self.global_batch, self.seed, self.row_tokens = num_rows, global_batch, seed, row_tokens
         self.dp_rank, self.dp_degree = dp_rank, dp_degree
         self.epoch, self.position = 0, 0
 
@@ -230,10 +234,20 @@ class DistributedSampler:
         return rows[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "dp_degree": self.dp_degree,
-                "global_batch": self.global_batch, "num_rows": self.num_rows, "seed": self.seed}
+        state = {"epoch": self.epoch, "position": self.position, "dp_degree": self.dp_degree,
+                 "global_batch": self.global_batch, "num_rows": self.num_rows, "seed": self.seed}
+        if self.row_tokens is not None:
+            state["row_tokens"] = self.row_tokens
+        return state
+
+    def tokens_consumed(self) -> int | None:
+        """Tokens of the stream consumed so far (None when the row length is unknown)."""
+        return None if self.row_tokens is None else (self.epoch * self.num_rows + self.position) * self.row_tokens
 
     def load_state_dict(self, state: dict[str, int], allow_dp_change: bool = False) -> None:
+        if self._row_length_changed(state):
+            self._load_by_tokens(state)
+            return
         if state["num_rows"] != self.num_rows or state["seed"] != self.seed:
             raise SamplerStateError(
                 f"data sampler state is for {state['num_rows']} rows / seed {state['seed']}, but this run has "
@@ -243,3 +257,20 @@ class DistributedSampler:
                 f"data sampler state was saved with dp={state['dp_degree']} but this run has dp={self.dp_degree}; "
                 f"resume with the same data-parallel degree, or load through the checkpointer, which reshards")
         self.epoch, self.position = state["epoch"], state["position"]
+
+    def _row_length_changed(self, state: dict[str, int]) -> bool:
+        saved = state.get("row_tokens")
+        return saved is not None and self.row_tokens is not None and saved != self.row_tokens
+
+    def _load_by_tokens(self, state: dict[str, int]) -> None:
+        """Resume a state saved with another row length over the same corpus at the same token count."""
+        old, new = state["row_tokens"], self.row_tokens
+        # rows = (corpus tokens - 1) // row length, so the corpus size lies in [rows*len, rows*len + len)
+        same_corpus = max(state["num_rows"] * old, self.num_rows * new) < min((state["num_rows"] + 1) * old,
+                                                                             (self.num_rows + 1) * new)
+        if state["seed"] != self.seed or not same_corpus:
+            raise SamplerStateError(
+                f"data sampler state is for {state['num_rows']} rows of {old} tokens / seed {state['seed']}, but this run "
+                f"has {self.num_rows} rows of {new} tokens / seed {self.seed}: the dataset or seed changed")
+        tokens = (state["epoch"] * state["num_rows"] + state["position"]) * old
+        self.epoch, self.position = divmod(-(-tokens // new), self.num_rows)

@@ -78,7 +78,8 @@ def build_data(cfg: Config, spec: ModelSpec, mesh) -> tuple[Any, Any]:
     else:
         dataset = build_dataset(d.source, d.path, d.max_bytes, t.seq_len, cfg.model.vocab_size, t.seed,
                                 d.synthetic_mean_len, d.synthetic_max_len, d.document_masking)
-    return dataset, DistributedSampler(len(dataset), t.global_batch, mesh.coordinate["dp"], mesh.dims.dp, t.seed)
+    return dataset, DistributedSampler(len(dataset), t.global_batch, mesh.coordinate["dp"], mesh.dims.dp, t.seed,
+                                       row_tokens=t.seq_len)
 
 
 def build_trainer(cfg: Config, local_rank: int = 0) -> Trainer:
