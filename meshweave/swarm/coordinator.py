@@ -252,9 +252,11 @@ class Coordinator:
                     vote = ctl.get(self.store, ctl.vote_key(self.step, self.attempt, peer))
                     if vote is not None:
                         votes[peer] = vote
-            failed = {p: v["error"] for p, v in votes.items() if not v["ok"]}
+            failed = {p: v for p, v in votes.items() if not v["ok"]}
             if failed:
-                return self._abort(plan, "; ".join(f"peer {p}: {e}" for p, e in failed.items()), [])
+                reason = "; ".join(f"peer {p}: {v['error']}" for p, v in failed.items())
+                suspects = {v["suspect"] for v in failed.values() if v.get("suspect") in self.members}
+                return self._abort(plan, reason, self._confirm_dead(suspects))
             time.sleep(0.01)
         problem = ledger_problem(plan, votes, self.ft.stages)
         if problem:
@@ -272,6 +274,21 @@ class Coordinator:
             elif now - info.last_beat_at > self.ft.dead_after_s:
                 dead.append(peer)
         return dead
+
+    def _confirm_dead(self, suspects: set[int]) -> list[int]:
+        """The suspects of a failed transfer that are dead: wait until each either beats again or is declared
+        dead (so the redo does not route through a peer that died a moment ago)."""
+        if not suspects:
+            return []
+        beats = {p: self.members[p].last_beat for p in suspects}
+        deadline = time.monotonic() + self.ft.dead_after_s + 1.0
+        while time.monotonic() < deadline:
+            dead = [p for p in self._dead_members() if p in suspects]
+            alive = {p for p in suspects if self.members[p].last_beat != beats[p]}
+            if len(dead) + len(alive) == len(suspects):
+                return dead
+            time.sleep(0.02)
+        return []
 
     def _abort(self, plan: dict[str, Any], reason: str, dead: list[int]) -> None:
         ctl.put(self.store, ctl.decision_key(self.step, self.attempt), {"commit": False, "reason": reason})

@@ -28,7 +28,11 @@ class StepAborted(RuntimeError):
 
 
 class TransferFailed(RuntimeError):
-    """A transfer with a peer failed or timed out: this peer votes to abort the attempt."""
+    """A transfer with a peer failed or timed out: this peer votes to abort the attempt, naming the suspect."""
+
+    def __init__(self, message: str, suspect: int | None = None) -> None:
+        super().__init__(message)
+        self.suspect = suspect
 
 
 def make_group(store: dist.Store, prefix: str, rank: int, size: int, timeout_s: float, device: torch.device) -> Any:
@@ -49,10 +53,10 @@ class Waiter:
     def __init__(self, aborted: Callable[[], bool], timeout_s: float, poll_s: float = 0.02) -> None:
         self.aborted, self.timeout_s, self.poll_s = aborted, timeout_s, poll_s
 
-    def wait(self, work: Any, what: str) -> None:
-        self.call(work.wait, what)
+    def wait(self, work: Any, what: str, peer: int | None = None) -> None:
+        self.call(work.wait, what, peer)
 
-    def call(self, fn: Callable[[], Any], what: str) -> Any:
+    def call(self, fn: Callable[[], Any], what: str, peer: int | None = None) -> Any:
         done = threading.Event()
         error: list[BaseException] = []
         result: list[Any] = []
@@ -74,9 +78,9 @@ class Waiter:
                     raise StepAborted(f"attempt aborted by the coordinator while waiting for {what}")
                 next_check = now + 0.1
             if now > deadline:
-                raise TransferFailed(f"{what}: no answer within {self.timeout_s:g} s")
+                raise TransferFailed(f"{what}: no answer within {self.timeout_s:g} s", peer)
         if error:
-            raise TransferFailed(f"{what}: {str(error[0]).splitlines()[0][:300]}")
+            raise TransferFailed(f"{what}: {str(error[0]).splitlines()[0][:300]}", peer)
         return result[0]
 
 

@@ -136,7 +136,8 @@ class Peer:
             return
         except TransferFailed as err:
             self._discard()
-            ctl.put(self.store, ctl.vote_key(step, attempt, self.id), {"ok": False, "error": str(err)})
+            ctl.put(self.store, ctl.vote_key(step, attempt, self.id),
+                    {"ok": False, "error": str(err), "suspect": err.suspect})
         self._await_decision(plan, decision)
 
     def _await_decision(self, plan: dict[str, Any], key: str) -> None:
@@ -194,7 +195,7 @@ class Peer:
                 for j, tensor in enumerate(self.model.state_tensors(with_optimizer)):
                     buffer = torch.empty_like(tensor)
                     waiter.wait(self.groups.recv(buffer, move["donor"], TRANSFER_TAG + 1024 * i + j),
-                                f"stage {stage} state from peer {move['donor']}")
+                                f"stage {stage} state from peer {move['donor']}", move["donor"])
                     with torch.no_grad():
                         tensor.copy_(buffer.view_as(tensor))
                 self.applied_step = plan["step"]
@@ -202,7 +203,7 @@ class Peer:
                 works = [self.groups.send(t, move["receiver"], TRANSFER_TAG + 1024 * i + j)
                          for j, t in enumerate(self.model.state_tensors(with_optimizer))]
                 for work in works:
-                    waiter.wait(work, f"stage {stage} state to peer {move['receiver']}")
+                    waiter.wait(work, f"stage {stage} state to peer {move['receiver']}", move["receiver"])
         if self.applied_step != plan["step"]:
             raise TransferFailed(f"peer {self.id} holds step {self.applied_step} of stage {stage}, the plan is at "
                                  f"step {plan['step']} and names no donor for it")
@@ -224,19 +225,22 @@ class Peer:
             else:
                 x = torch.empty(model.activation_shape(mb), dtype=model.params[0].dtype, device=self.device)
                 waiter.wait(groups.recv(x, routes[m][s - 1], microbatch_tag(step, self.microbatches, m, False)),
-                            f"activation of microbatch {m} from peer {routes[m][s - 1]}")
+                            f"activation of microbatch {m} from peer {routes[m][s - 1]}", routes[m][s - 1])
                 x.requires_grad_(True)
             began = time.perf_counter()
             out = model.module(x, **model.kwargs(mb))
             if model.last:
                 loss_sum = spec.loss_sum(out, mb.fields[spec.target_field])
+                maybe_kill("backward", step, attempt)
                 (loss_sum / targets).backward()
                 losses[m] = float(loss_sum.detach().double()).hex()
                 if not model.first:
-                    sends.append((groups.send(x.grad, routes[m][s - 1], microbatch_tag(step, self.microbatches, m, True)), x))
+                    sends.append((groups.send(x.grad, routes[m][s - 1], microbatch_tag(step, self.microbatches, m, True)),
+                                  routes[m][s - 1], x))
             else:
                 sent = out.detach()
-                sends.append((groups.send(sent, routes[m][s + 1], microbatch_tag(step, self.microbatches, m, False)), sent))
+                sends.append((groups.send(sent, routes[m][s + 1], microbatch_tag(step, self.microbatches, m, False)),
+                              routes[m][s + 1], sent))
                 kept[m] = (x, out)
             spent = time.perf_counter() - began
             slow_down(spent)
@@ -246,16 +250,17 @@ class Peer:
             x, out = kept.pop(m)
             grad = torch.empty_like(out)
             waiter.wait(groups.recv(grad, routes[m][s + 1], microbatch_tag(step, self.microbatches, m, True)),
-                        f"gradient of microbatch {m} from peer {routes[m][s + 1]}")
+                        f"gradient of microbatch {m} from peer {routes[m][s + 1]}", routes[m][s + 1])
             began = time.perf_counter()
             out.backward(grad)
             if not model.first:
-                sends.append((groups.send(x.grad, routes[m][s - 1], microbatch_tag(step, self.microbatches, m, True)), x))
+                sends.append((groups.send(x.grad, routes[m][s - 1], microbatch_tag(step, self.microbatches, m, True)),
+                              routes[m][s - 1], x))
             spent = time.perf_counter() - began
             slow_down(spent)
             busy += time.perf_counter() - began
-        for work, _ in sends:
-            waiter.wait(work, "a send to the next or previous stage")
+        for work, peer, _ in sends:
+            waiter.wait(work, f"a send to peer {peer}", peer)
         return {"stage": s, "done": mine, "losses": losses, "targets": int(targets),
                 "seconds_per_microbatch": busy / len(mine) if mine else None}
 
