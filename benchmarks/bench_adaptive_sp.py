@@ -60,7 +60,7 @@ from meshweave.parallel.adaptive import (
     validate_plan,
 )
 
-RESULTS = REPO / "benchmarks" / "results"
+RESULTS = Path(os.environ.get("MESHWEAVE_BENCH_OUT") or REPO / "benchmarks" / "results")  # `meshweave bench --out`
 HEADS = 32                                   # GPT-7B: Ulysses groups of at most 32 ranks
 TIME_LIMIT_S = 0.05                          # the runtime's default planning budget per step
 LONG_TIME_LIMIT_S = 1.0

@@ -50,7 +50,7 @@ from meshweave.core.comm import CommGroup, CommLedger  # noqa: E402
 from meshweave.models.attention_api import AttentionMeta, local_attention  # noqa: E402
 from meshweave.testing import close_all_pools, run_distributed  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results"
+RESULTS = Path(os.environ.get("MESHWEAVE_BENCH_OUT") or REPO / "benchmarks" / "results")  # `meshweave bench --out`
 
 
 # --- peers ------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ from meshweave.models.st_dit.parts import velocity_mse_sum  # noqa: E402
 from meshweave.testing import close_all_pools, run_distributed  # noqa: E402
 from meshweave.train.config import load_config  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results"
+RESULTS = Path(os.environ.get("MESHWEAVE_BENCH_OUT") or REPO / "benchmarks" / "results")  # `meshweave bench --out`
 METHODS = ("dsp", "ulysses", "ulysses_frames", "ring")
 LABELS = {"dsp": "dsp", "ulysses": "ulysses", "ulysses_frames": "ulysses (frames sharded)", "ring": "ring"}
 MODEL = ["model.kind=st_dit", "model.channels=4", "model.patch=2", "model.dim=128", "model.n_heads=4",

@@ -52,7 +52,7 @@ from meshweave.models.attention_api import AttentionMeta, local_attention  # noq
 from meshweave.models.linear_attention import head_log_decay, local_linear_attention  # noqa: E402
 from meshweave.testing import close_all_pools, run_distributed  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results"
+RESULTS = Path(os.environ.get("MESHWEAVE_BENCH_OUT") or REPO / "benchmarks" / "results")  # `meshweave bench --out`
 LINEAR = ("lasp2", "lasp2 (zigzag)", "lasp1 chain")
 
 

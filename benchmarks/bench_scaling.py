@@ -7,6 +7,20 @@ shard all-gathered/reduce-scattered; DDP: one all-reduce of every gradient). Byt
 ledger (`logging.comm_accounting`, off by default since it costs time: the TP counter is a Python
 dispatch mode); `--accounting both` times every layout with it off and on, interleaved.
 
+Default (no --layouts): the weak/strong scaling study (`meshweave bench scaling`). Over the layouts that
+fit the processes at hand (--procs, default 1, 2 and 4 up to the cores: dp, tp, sp, pp alone, each where it
+divides the model and sequence), strong scaling keeps the global batch, weak scaling multiplies the work by
+the processes (the sequence for sp, the global batch otherwise). Each run counts its bytes in the ledger and
+the report sets them per dimension against the analytic volume (bench_scaling_model.py), and projects the
+measured layouts and pure FSDP at 8..1024 GPUs onto an assumed GPU cluster from a cost model calibrated by
+this run's compute time per token (every projected figure is labelled so, with its inputs). Writes
+scaling.{md,json,png}; the JSON keeps the raw per-step times and ledgers, from which every ratio recomputes.
+
+    python benchmarks/bench_scaling.py --quick          # tiny model, 1 and 2 processes (about a minute)
+    python benchmarks/bench_scaling.py --procs 1 2 4    # the default model
+
+The layout comparison below (--layouts) is the earlier table: dp/tp variants, strong scaling only.
+
 On a 2-core CPU machine the honest figures are the ratios and the byte counts; absolute numbers
 come from running the same script on a GPU cluster (`--device cuda` under torchrun is not needed:
 the script starts its own local processes).
@@ -39,6 +53,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_scaling_model beside this script
+import bench_scaling_model as model  # noqa: E402
 
 try:  # this checkout
     from meshweave.models.llama.flops import parameter_count
@@ -158,8 +175,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer steps (about a minute)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=list(LAYOUTS),
-                        help="layouts to time (default: all; '1' is always added as the speed-up baseline)")
+    parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=None,
+                        help="the earlier dp/tp layout table instead of the weak/strong study ('1' is always added)")
+    parser.add_argument("--procs", type=int, nargs="+", default=None,
+                        help="study: process counts (default: 1 2 4 up to the cores, at least 1 2)")
+    parser.add_argument("--steps", type=int, default=None, help="study: timed steps per run (default 3, quick 2)")
+    parser.add_argument("--peak-tflops", type=float, default=model.Cluster.peak_tflops, help="projection: GPU peak")
+    parser.add_argument("--mfu", type=float, default=model.Cluster.mfu, help="projection: achieved fraction of peak")
+    parser.add_argument("--intra-gbps", type=float, default=model.Cluster.intra_gbps, help="projection: NVLink GB/s")
+    parser.add_argument("--inter-gbps", type=float, default=model.Cluster.inter_gbps, help="projection: network GB/s")
+    parser.add_argument("--project-tokens-per-gpu", type=int, default=16384,
+                        help="projection: tokens per GPU per step of the projected FSDP weak scaling")
     parser.add_argument("--accounting", choices=("off", "on", "both"), default="off",
                         help="logging.comm_accounting for every layout (both: each layout twice, interleaved)")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of the whole set")
@@ -167,6 +193,12 @@ def main() -> None:
     parser.add_argument("--before-after", metavar="TREE", help="compare with the checkout at TREE (see the docstring)")
     args = parser.parse_args()
     steps, warmup = (4, 1) if args.quick else (12, 2)
+    if args.layouts is None and not args.before_after and not args.raw_json:
+        if args.accounting != "off" or args.rounds != 1:
+            parser.error("--accounting/--rounds belong to the --layouts table (the study always counts bytes)")
+        run_study(args)
+        return
+    args.layouts = args.layouts or list(LAYOUTS)
     if args.before_after:
         before_after(Path(args.before_after), args)
         return
@@ -378,6 +410,252 @@ def write_before_after(samples: dict, ledgers: dict, tree: Path, keys: list[str]
         {"before": before_c, "after": after_c, "rounds": args.rounds, "quick": args.quick, "loads": loads, "rows": rows,
          "ledgers": ledgers}, indent=1))
     print("\n".join(lines))
+
+
+# --- the weak/strong scaling study (default) -----------------------------------------------------
+def _model_info(trainer) -> dict:
+    """What the analytic volumes need from a built run: unit parameter shapes, sizes, this rank's stages."""
+    from meshweave.models.llama.model import Transformer
+
+    cfg = trainer.p.cfg
+    full = Transformer(cfg.model) if cfg.model.kind == "llama" else None
+
+    def shapes(module):
+        return [tuple(p.shape) for p in module.parameters(recurse=False)]
+
+    units = None
+    if full is not None:
+        units = {"emb": shapes(full.tok_embeddings), "head": shapes(full.norm) + shapes(full.output),
+                 "blocks": [[sh for m in block.modules() for sh in shapes(m)] for block in full.layers.values()]}
+    stages = getattr(trainer.p.runner, "stages", [])
+    ids = [st.stage_index for st in stages]
+    n_stages = stages[0].num_stages if stages else 1
+    from meshweave.parallel.pipeline_split import split_even
+
+    layers = sum(len(split_even(cfg.model.n_layers, n_stages)[i]) for i in (ids or [0]))
+    return {"units": units, "local_rows": cfg.train.global_batch // trainer.p.mesh.dims.dp, "seq_len": cfg.train.seq_len,
+            "dim": cfg.model.dim, "n_layers": cfg.model.n_layers, "n_kv_heads": cfg.model.n_kv_heads,
+            "head_dim": cfg.model.dim // cfg.model.n_heads, "stage_ids": ids, "n_stages": n_stages,
+            "layers_of_rank": layers, "document_masking": cfg.data.document_masking}
+
+
+def _measure_study(runs: list[list[str]], steps: int, warmup: int) -> list[dict]:
+    """Each run (config overrides) in turn on this rank: build, warm up, time `steps` steps with the ledger on."""
+    torch.set_num_threads(1)
+    from meshweave.models.registry import model_spec
+
+    out = []
+    for overrides in runs:
+        with tempfile.TemporaryDirectory() as run_dir:
+            cfg = load_config(None, [f"train.steps={steps + warmup}", f"run_dir={run_dir}", "logging.jsonl=false",
+                                     "logging.comm_accounting=true", *overrides])
+            trainer = build_trainer(cfg)
+            for _ in range(warmup):
+                trainer.train_step()
+            trainer.p.mesh.ledger.reset()
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                trainer.train_step()
+                times.append(time.perf_counter() - start)
+            ledger = trainer.p.mesh.ledger.snapshot()
+            info = _model_info(trainer)
+            trainer.p.mesh.close()
+        tokens = cfg.train.global_batch * cfg.train.seq_len
+        out.append({"times": times, "ledger": ledger, "info": info, "tokens": tokens,
+                    "flops_per_token": model_spec(cfg.model.kind).flops_per_token(cfg.model, cfg.train.seq_len)})
+    return out
+
+
+def default_procs() -> list[int]:
+    cores = os.cpu_count() or 2
+    return [n for n in (1, 2, 4) if n <= max(2, cores)]
+
+
+def study_runs(procs: list[int], base: list[str]) -> tuple[list[dict], list[str]]:
+    """The (layout, mode) runs that fit, and one line per layout left out (the config check's reason)."""
+    from meshweave.train.config import ConfigError
+    from meshweave.train.validate import check
+
+    base_cfg = load_config(None, base)
+    seq, batch = base_cfg.train.seq_len, base_cfg.train.global_batch
+    runs, skipped = [], []
+    for key, world, degrees in model.layouts(procs):
+        for mode in ("strong", "weak") if world > 1 else ("both",):
+            sets = [*base, *model.overrides(degrees, mode, world, seq, batch)]
+            try:
+                check(load_config(None, sets), world)
+            except ConfigError as err:
+                skipped.append(f"{key} ({mode}): {err}")
+                continue
+            runs.append({"key": key, "world": world, "degrees": degrees, "mode": mode, "overrides": sets})
+    return runs, skipped
+
+
+def run_study(args: argparse.Namespace) -> None:
+    procs = sorted(set(args.procs or default_procs()))
+    if 1 not in procs:
+        procs = [1, *procs]  # the baseline of every ratio
+    steps = args.steps or (2 if args.quick else 3)
+    warmup = 1
+    base = model.QUICK_MODEL if args.quick else model.FULL_MODEL
+    runs, skipped = study_runs(procs, base)
+    started = time.perf_counter()
+    results: dict[int, list[dict]] = {}
+    for world in sorted({r["world"] for r in runs}):
+        mine = [r for r in runs if r["world"] == world]
+        names = ", ".join(f"{r['key']} {r['mode']}" for r in mine)
+        print(f"{world} process(es): {names}", flush=True)
+        per_rank = run_distributed(_measure_study, world, [r["overrides"] for r in mine], steps, warmup, timeout=900)
+        for i, run in enumerate(mine):
+            ranks = [res[i] for res in per_rank]
+            # a step takes as long as its slowest rank
+            run["step_times"] = [max(ts) for ts in zip(*(x["times"] for x in ranks))]
+            run["rank_times"] = [x["times"] for x in ranks]
+            run["ledgers"] = [x["ledger"] for x in ranks]
+            run["infos"] = [x["info"] for x in ranks]
+            run["tokens"], run["flops_per_token"] = ranks[0]["tokens"], ranks[0]["flops_per_token"]
+    close_all_pools()
+    rows = study_rows(runs, steps)
+    cluster = model.Cluster(peak_tflops=args.peak_tflops, mfu=args.mfu, intra_gbps=args.intra_gbps,
+                            inter_gbps=args.inter_gbps)
+    report = {"steps": steps, "warmup": warmup, "quick": args.quick, "procs": procs, "base_overrides": base,
+              "skipped": skipped, "rows": rows, "wall_s": time.perf_counter() - started,
+              "load_average": os.getloadavg(), "cluster": dataclasses.asdict(cluster)}
+    report["projection"] = projection(rows, cluster, args.project_tokens_per_gpu)
+    write_study(report, Path(args.out))
+
+
+def study_rows(runs: list[dict], steps: int) -> list[dict]:
+    """One row per (layout, mode): raw times and ledgers kept, bytes per dimension measured and analytic
+    (the worst rank), and the ratios (model.ratios) computed from the step times."""
+    rows = []
+    for run in runs:
+        modes = ("strong", "weak") if run["mode"] == "both" else (run["mode"],)
+        per_rank_measured = [model.bytes_by_dim(ledger, steps) for ledger in run["ledgers"]]
+        per_rank_analytic = [model.analytic_bytes(info, run["degrees"]) for info in run["infos"]]
+        for mode in modes:
+            rows.append({
+                "key": run["key"], "world": run["world"], "degrees": run["degrees"], "mode": mode,
+                "overrides": run["overrides"], "step_times": run["step_times"], "rank_times": run["rank_times"],
+                "step_s": statistics.median(run["step_times"]), "tokens": run["tokens"],
+                "flops_per_token": run["flops_per_token"], "ledgers": run["ledgers"], "infos": run["infos"],
+                "bytes": per_rank_measured, "bytes_analytic": per_rank_analytic,
+            })
+    model.ratios(rows)
+    return rows
+
+
+def projection(rows: list[dict], cluster, tokens_per_gpu: int) -> dict:
+    """Projected GPU-cluster figures (compute calibrated by the 1-process run; links assumed)."""
+    base = next(r for r in rows if r["world"] == 1 and r["mode"] == "strong")
+    c_cpu = base["step_s"] / base["tokens"]
+    c_gpu = model.gpu_seconds_per_token(base["flops_per_token"], cluster)
+    inputs = {"measured_cpu_s_per_token": c_cpu, "flops_per_token": base["flops_per_token"],
+              "measured_cpu_tflops": base["flops_per_token"] / c_cpu / 1e12, "gpu_s_per_token": c_gpu,
+              "assumed_tokens_per_gpu_fsdp": tokens_per_gpu,
+              **{f"assumed_{k}": v for k, v in dataclasses.asdict(cluster).items()}}
+    layouts = []
+    for r in rows:
+        tokens_per_rank = r["tokens"] / (r["degrees"].get("dp", 1) * r["degrees"].get("sp", 1)
+                                         * r["degrees"].get("tp", 1) * r["degrees"].get("pp", 1)) if r["world"] > 1 \
+            else r["tokens"]
+        compute = tokens_per_rank * c_gpu
+        comm = max(model.projected_comm_seconds(ledger, len(r["step_times"]), r["degrees"], r["world"], cluster)
+                   for ledger in r["ledgers"])
+        layouts.append({"key": r["key"], "mode": r["mode"], "world": r["world"], "compute_s": compute, "comm_s": comm,
+                        "step_s": compute + comm, "tokens": r["tokens"]})
+    one = {lay["mode"]: lay for lay in layouts if lay["world"] == 1}
+    for lay in layouts:
+        b = one[lay["mode"]]
+        lay["efficiency"] = (lay["tokens"] / lay["step_s"]) / (lay["world"] * b["tokens"] / b["step_s"])
+    info = base["infos"][0]
+    dp = model.project_dp_weak(info, tokens_per_gpu, base["flops_per_token"], [8, 64, 512, 1024], cluster) \
+        if info["units"] else []
+    return {"inputs": inputs, "layouts": layouts, "fsdp_weak": dp}
+
+
+def _mb(x: float | None) -> str:
+    return "n/a" if x is None else f"{x / 1e6:.3f}"
+
+
+def write_study(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    rows, proj = report["rows"], report["projection"]
+    lines = ["# Weak and strong scaling (real trainer; measured on this machine)", "",
+             f"{report['steps']} timed steps per run after {report['warmup']} warm-up; a step = its slowest rank; "
+             f"ms/step is the median. Comm accounting on in every run (its cost is in the times). Load average at "
+             f"the end {'/'.join(f'{x:.1f}' for x in os.getloadavg())}; base config overrides: "
+             f"`{' '.join(report['base_overrides']) or '(default)'}`.", "",
+             "Strong: same global batch and sequence; speed-up = T1 / Tn, efficiency = speed-up / n. Weak: n times the "
+             "work (sequence x n for sp, global batch x n otherwise); efficiency = (tokens/s) / (n x tokens/s of one "
+             "process). Bytes: per rank per step from the comm ledger (max over ranks) vs the analytic volume "
+             "(bench_scaling_model.py).", "",
+             "| layout | mode | procs | ms/step | tokens/step | speed-up | efficiency | dim | MB measured | MB analytic | ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        dims = [d for d in model.DIMS if r["degrees"].get(d, 1) > 1] or ["-"]
+        for i, d in enumerate(dims):
+            meas = max(b[d] for b in r["bytes"]) if d != "-" else None
+            ana = [a[d] for a in r["bytes_analytic"]] if d != "-" else [None]
+            ana_v = None if any(a is None for a in ana) else max(ana)
+            ratio = f"{meas / ana_v:.3f}" if meas and ana_v else ("" if d == "-" else "n/a")
+            first = i == 0
+            lines.append(f"| {r['key'] if first else ''} | {r['mode'] if first else ''} | {r['world'] if first else ''} | "
+                         f"{r['step_s'] * 1e3:.1f} | {r['tokens']} | {r['speedup']:.2f} | {r['efficiency']:.2f} | {d} | "
+                         f"{_mb(meas) if d != '-' else ''} | {_mb(ana_v) if d != '-' else ''} | {ratio} |")
+    if report["skipped"]:
+        lines += ["", "Layouts that do not fit (left out):", ""] + [f"- {s}" for s in report["skipped"]]
+    inp = proj["inputs"]
+    lines += ["", "## Projected to a GPU cluster (projected, not measured)", "",
+              f"Inputs: measured compute time per token here {inp['measured_cpu_s_per_token'] * 1e6:.1f} us "
+              f"({inp['measured_cpu_tflops'] * 1e3:.2f} GFLOP/s achieved at {inp['flops_per_token'] / 1e6:.2f} MFLOP/token); "
+              f"projected GPU compute per token {inp['gpu_s_per_token'] * 1e9:.3f} ns = FLOPs / (assumed peak "
+              f"{inp['assumed_peak_tflops']:.0f} TFLOP/s x assumed MFU {inp['assumed_mfu']:.2f}); assumed links: intra-node "
+              f"{inp['assumed_intra_gbps']:.0f} GB/s, {inp['assumed_intra_latency_us']:.0f} us; inter-node "
+              f"{inp['assumed_inter_gbps']:.0f} GB/s, {inp['assumed_inter_latency_us']:.0f} us; "
+              f"{inp['assumed_gpus_per_node']} GPUs per node; ring collectives on this run's ledger; no overlap.", "",
+              "The measured layouts with this run's batch (a tiny batch: latency dominates):", "",
+              "| layout | mode | GPUs | projected compute ms | projected comm ms | projected step ms | projected efficiency |",
+              "|---|---|---|---|---|---|---|"]
+    for lay in proj["layouts"]:
+        lines.append(f"| {lay['key']} | {lay['mode']} | {lay['world']} | {lay['compute_s'] * 1e3:.4f} | "
+                     f"{lay['comm_s'] * 1e3:.4f} | {lay['step_s'] * 1e3:.4f} | {lay['efficiency']:.2f} (projected) |")
+    if proj["fsdp_weak"]:
+        lines += ["", f"Pure FSDP weak scaling of this model (projected; assumed {inp['assumed_tokens_per_gpu_fsdp']} tokens "
+                  "per GPU per step, analytic FSDP volume, no overlap):", "",
+                  "| GPUs | link | projected compute ms | projected comm ms | projected efficiency |", "|---|---|---|---|---|"]
+        for p in proj["fsdp_weak"]:
+            lines.append(f"| {p['gpus']} | {p['link']} | {p['compute_s'] * 1e3:.4f} | {p['comm_s'] * 1e3:.4f} | "
+                         f"{p['efficiency']:.2f} (projected) |")
+    lines += ["", f"Command: `python benchmarks/bench_scaling.py {' '.join(sys.argv[1:])}`; wall {report['wall_s']:.0f} s.", ""]
+    (out / "scaling.md").write_text("\n".join(lines))
+    (out / "scaling.json").write_text(json.dumps(report, indent=1))
+    print("\n".join(lines))
+    plot_study(report, out / "scaling.png")
+
+
+def plot_study(report: dict, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install -e '.[bench]'): no plot written")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, mode in zip(axes, ("strong", "weak")):
+        rows = [r for r in report["rows"] if r["mode"] == mode]
+        ax.bar([f"{r['key']}" for r in rows], [r["efficiency"] for r in rows], color="tab:blue", label="measured")
+        proj = {p["key"]: p["efficiency"] for p in report["projection"]["layouts"] if p["mode"] == mode}
+        ax.plot([r["key"] for r in rows], [proj[r["key"]] for r in rows], "o", color="tab:orange",
+                label="projected (GPU cluster)")
+        ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+        ax.set_title(f"{mode} scaling efficiency")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
 
 
 if __name__ == "__main__":
