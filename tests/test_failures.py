@@ -133,9 +133,6 @@ def test_worker_that_dies_without_a_report_is_named(tmp_path):
 
 
 @pytest.mark.slow  # not in the fast subset: a worker's failure end to end
-@pytest.mark.xfail(reason="known intermittent hang (2 of 5 full-suite runs): when the checkpoint dir is replaced by a "
-                          "file mid-run, the job sometimes never ends; open bug, see the stop's closing note",
-                   raises=subprocess.TimeoutExpired, strict=False)
 def test_checkpoint_write_failure_is_a_filesystem_error(tmp_path):
     ckpt = tmp_path / "ck"
     run = Run(tmp_path, [*TINY, *LONG, "--set", f"run_dir={tmp_path}/run", "--set", f"checkpoint.dir={ckpt}",

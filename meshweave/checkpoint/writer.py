@@ -11,6 +11,8 @@ import os
 import shutil
 import warnings
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,33 +71,46 @@ class LevelWriter:
 
     # --- first disk level: DCP ---------------------------------------------------------
     def write_dcp(self, level: str, level_dir: str, payload: SavePayload) -> Path:
-        """Write `payload` as a committed checkpoint in `level_dir`; return the committed directory."""
-        tmp = self._prepare_tmp(level_dir, payload.step)
-        own = {layout.per_rank_plain_name(self.rank): _write_json(tmp, layout.per_rank_plain_name(self.rank), payload.per_rank_plain)}
-        writer = _RecordingWriter(tmp, level, payload.step, self.rank)
+        """Write `payload` as a committed checkpoint in `level_dir`; return the committed directory.
+
+        Every local part (directories, JSON files, checksums, rank 0's commit) ends in an agreement on
+        its outcome, so a part that fails on some ranks fails the save on all of them at the same point
+        (see `_agreed`); DCP's own parts agree by themselves (CheckpointException on every rank).
+        """
+        step = payload.step
+        tmp = self._prepare_tmp(level_dir, step)
+        with self._agreed(step, f"writing the plain state to {tmp}"):
+            own = {layout.per_rank_plain_name(self.rank): _write_json(tmp, layout.per_rank_plain_name(self.rank), payload.per_rank_plain)}
+        writer = _RecordingWriter(tmp, level, step, self.rank)
         try:
             dcp.save(payload.tensors, storage_writer=writer, process_group=self.comms.pg, no_dist=not self.comms.distributed)
         except CheckpointException as err:  # a BaseException in DCP; raised on every rank alike
-            raise CheckpointWriteError(f"step {payload.step}: DCP save to {tmp} failed: {err}") from err
-        own.update({name: _describe(tmp / name, self.rank) for name in writer.written})
+            raise CheckpointWriteError(f"step {step}: DCP save to {tmp} failed: {err}") from err
+        with self._agreed(step, f"checksumming the files in {tmp}"):
+            own.update({name: _describe(tmp / name, self.rank) for name in writer.written})
         gathered = self.comms.all_gather_json({"files": own, "sharded_plain": payload.sharded_plain})
-        final = Path(level_dir) / layout.step_dirname(payload.step)
-        if self.rank == 0:
-            files = _merge_files(gathered)
-            replicated = dict(payload.replicated_plain, sharded_plain=_merge_plain(gathered))
-            files[layout.REPLICATED_PLAIN] = _write_json(tmp, layout.REPLICATED_PLAIN, replicated)
-            files.update(_describe_unclaimed(tmp, files))
-            self._commit(level, level_dir, tmp, final, payload.step, files)
-        self.comms.barrier()  # later levels and the next save may rely on the commit
+        final = Path(level_dir) / layout.step_dirname(step)
+        # The agreement doubles as the barrier: later levels and the next save may rely on the commit.
+        with self._agreed(step, f"committing {final}"):
+            if self.rank == 0:
+                files = _merge_files(gathered)
+                replicated = dict(payload.replicated_plain, sharded_plain=_merge_plain(gathered))
+                files[layout.REPLICATED_PLAIN] = _write_json(tmp, layout.REPLICATED_PLAIN, replicated)
+                files.update(_describe_unclaimed(tmp, files))
+                self._commit(level, level_dir, tmp, final, step, files)
         return final
 
     # --- further disk levels: copy a committed checkpoint ------------------------------
     def promote(self, level: str, src_dir: Path, level_dir: str, step: int) -> Path:
         """Copy a committed checkpoint into another level (each rank copies its own files), then commit."""
         tmp = self._prepare_tmp(level_dir, step)
-        manifest = layout.read_manifest(src_dir)
-        mine = [n for n, meta in manifest["files"].items() if meta.get("rank", 0) == self.rank]
-        problems = _copy_verified(src_dir, tmp, {n: manifest["files"][n] for n in mine})
+        manifest: dict = {}
+        try:
+            manifest = layout.read_manifest(src_dir)
+            mine = [n for n, meta in manifest["files"].items() if meta.get("rank", 0) == self.rank]
+            problems = _copy_verified(src_dir, tmp, {n: manifest["files"][n] for n in mine})
+        except (OSError, layout.ManifestError) as err:
+            problems = [f"{type(err).__name__}: {err}"]
         maybe_crash(f"write:{level}", step, self.rank)
         for p in problems:
             log.error("checkpoint promotion to %s: %s", level, p)
@@ -104,20 +119,47 @@ class LevelWriter:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointWriteError(f"step {step}: copy {src_dir} -> {level_dir} failed verification (see log)")
         final = Path(level_dir) / layout.step_dirname(step)
-        if self.rank == 0:
-            self._commit(level, level_dir, tmp, final, step, manifest["files"], world_size=manifest["world_size"])
-        self.comms.barrier()
+        with self._agreed(step, f"committing {final}"):
+            if self.rank == 0:
+                self._commit(level, level_dir, tmp, final, step, manifest["files"], world_size=manifest["world_size"])
         return final
 
     # --- shared steps ------------------------------------------------------------------
     def _prepare_tmp(self, level_dir: str, step: int) -> Path:
         tmp = Path(level_dir) / layout.tmp_dirname(step)
-        if self.rank == 0:
-            os.makedirs(level_dir, exist_ok=True)
-            layout.remove_stale_tmp(level_dir)
-            (tmp / "plain").mkdir(parents=True)
-        self.comms.barrier()  # nobody writes into tmp before rank 0 has (re)created it
+        # nobody writes into tmp before rank 0 has (re)created it: the agreement is also the barrier
+        with self._agreed(step, f"preparing {tmp}"):
+            if self.rank == 0:
+                os.makedirs(level_dir, exist_ok=True)
+                layout.remove_stale_tmp(level_dir)
+                (tmp / "plain").mkdir(parents=True)
         return tmp
+
+    @contextmanager
+    def _agreed(self, step: int, what: str) -> Iterator[None]:
+        """Run a local part of a save, then agree on its outcome with one all-gather over the group.
+
+        A rank whose part failed re-raises its own error; every other rank raises CheckpointWriteError
+        naming the failed rank and its error (chained to an equal OSError, so a filesystem failure
+        reads as one on every rank). Without it, a rank failing alone (a directory replaced by a file
+        under one rank's feet) would leave the others waiting in the save's next collective for a rank
+        that never comes, while its training thread may be waiting for theirs (see tests/test_checkpoint_write_failure.py).
+        """
+        error: Exception | None = None
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - every failure is shared before it is raised
+            error = err
+        outcomes = self.comms.all_gather_json(_outcome(error))
+        if error is not None:
+            raise error
+        failed = [(rank, o) for rank, o in enumerate(outcomes) if o is not None]
+        if failed:
+            rank, o = failed[0]
+            cause = OSError(o["errno"], o["strerror"], o["filename"]) if o["errno"] is not None else None
+            others = f" (and rank(s) {[r for r, _ in failed[1:]]})" if len(failed) > 1 else ""
+            raise CheckpointWriteError(f"step {step}: {what} failed on rank {rank}{others}: "
+                                       f"{o['type']}: {o['message']}") from cause
 
     def _commit(self, level: str, level_dir: str, tmp: Path, final: Path, step: int,
                 files: dict[str, dict], world_size: int | None = None) -> None:
@@ -131,6 +173,16 @@ class LevelWriter:
         removed = layout.apply_retention(level_dir, self.keep)
         log.info("checkpoint step %d committed to %s (%s)%s", step, final, level,
                  f"; removed steps {removed}" if removed else "")
+
+
+def _outcome(err: BaseException | None) -> dict | None:
+    """A failure as JSON for the other ranks (None for success); an OSError keeps its errno and file name."""
+    if err is None:
+        return None
+    is_os = isinstance(err, OSError) and err.errno is not None
+    return {"type": type(err).__name__, "message": str(err), "errno": err.errno if is_os else None,
+            "strerror": err.strerror if is_os else None,
+            "filename": None if not is_os or err.filename is None else os.fsdecode(err.filename)}
 
 
 def _write_json(ckpt_dir: Path, name: str, obj: Any) -> dict:
