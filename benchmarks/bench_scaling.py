@@ -179,7 +179,7 @@ def main() -> None:
                         help="the earlier dp/tp layout table instead of the weak/strong study ('1' is always added)")
     parser.add_argument("--procs", type=int, nargs="+", default=None,
                         help="study: process counts (default: 1 2 4 up to the cores, at least 1 2)")
-    parser.add_argument("--steps", type=int, default=None, help="study: timed steps per run (default 3, quick 2)")
+    parser.add_argument("--steps", type=int, default=None, help="study: timed steps per run (default 5, quick 3)")
     parser.add_argument("--peak-tflops", type=float, default=model.Cluster.peak_tflops, help="projection: GPU peak")
     parser.add_argument("--mfu", type=float, default=model.Cluster.mfu, help="projection: achieved fraction of peak")
     parser.add_argument("--intra-gbps", type=float, default=model.Cluster.intra_gbps, help="projection: NVLink GB/s")
@@ -453,16 +453,17 @@ def _measure_study(runs: list[list[str]], steps: int, warmup: int) -> list[dict]
             for _ in range(warmup):
                 trainer.train_step()
             trainer.p.mesh.ledger.reset()
-            times = []
+            times, cpu = [], []
             for _ in range(steps):
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 trainer.train_step()
                 times.append(time.perf_counter() - start)
+                cpu.append(time.process_time() - start_cpu)  # this rank's CPU: robust to other jobs' load
             ledger = trainer.p.mesh.ledger.snapshot()
             info = _model_info(trainer)
             trainer.p.mesh.close()
         tokens = cfg.train.global_batch * cfg.train.seq_len
-        out.append({"times": times, "ledger": ledger, "info": info, "tokens": tokens,
+        out.append({"times": times, "cpu": cpu, "ledger": ledger, "info": info, "tokens": tokens,
                     "flops_per_token": model_spec(cfg.model.kind).flops_per_token(cfg.model, cfg.train.seq_len)})
     return out
 
@@ -496,7 +497,7 @@ def run_study(args: argparse.Namespace) -> None:
     procs = sorted(set(args.procs or default_procs()))
     if 1 not in procs:
         procs = [1, *procs]  # the baseline of every ratio
-    steps = args.steps or (2 if args.quick else 3)
+    steps = args.steps or (3 if args.quick else 5)
     warmup = 1
     base = model.QUICK_MODEL if args.quick else model.FULL_MODEL
     runs, skipped = study_runs(procs, base)
@@ -512,6 +513,8 @@ def run_study(args: argparse.Namespace) -> None:
             # a step takes as long as its slowest rank
             run["step_times"] = [max(ts) for ts in zip(*(x["times"] for x in ranks))]
             run["rank_times"] = [x["times"] for x in ranks]
+            run["rank_cpu"] = [x["cpu"] for x in ranks]
+            run["cpu_step_times"] = [max(ts) for ts in zip(*run["rank_cpu"])]
             run["ledgers"] = [x["ledger"] for x in ranks]
             run["infos"] = [x["info"] for x in ranks]
             run["tokens"], run["flops_per_token"] = ranks[0]["tokens"], ranks[0]["flops_per_token"]
@@ -538,7 +541,9 @@ def study_rows(runs: list[dict], steps: int) -> list[dict]:
             rows.append({
                 "key": run["key"], "world": run["world"], "degrees": run["degrees"], "mode": mode,
                 "overrides": run["overrides"], "step_times": run["step_times"], "rank_times": run["rank_times"],
-                "step_s": statistics.median(run["step_times"]), "tokens": run["tokens"],
+                "step_s": min(run["step_times"]), "tokens": run["tokens"],
+                "rank_cpu": run["rank_cpu"], "cpu_step_times": run["cpu_step_times"],
+                "cpu_step_s": min(run["cpu_step_times"]),
                 "flops_per_token": run["flops_per_token"], "ledgers": run["ledgers"], "infos": run["infos"],
                 "bytes": per_rank_measured, "bytes_analytic": per_rank_analytic,
             })
@@ -549,7 +554,7 @@ def study_rows(runs: list[dict], steps: int) -> list[dict]:
 def projection(rows: list[dict], cluster, tokens_per_gpu: int) -> dict:
     """Projected GPU-cluster figures (compute calibrated by the 1-process run; links assumed)."""
     base = next(r for r in rows if r["world"] == 1 and r["mode"] == "strong")
-    c_cpu = base["step_s"] / base["tokens"]
+    c_cpu = base["cpu_step_s"] / base["tokens"]  # CPU time: what the step's compute cost here, load aside
     c_gpu = model.gpu_seconds_per_token(base["flops_per_token"], cluster)
     inputs = {"measured_cpu_s_per_token": c_cpu, "flops_per_token": base["flops_per_token"],
               "measured_cpu_tflops": base["flops_per_token"] / c_cpu / 1e12, "gpu_s_per_token": c_gpu,
@@ -584,15 +589,20 @@ def write_study(report: dict, out: Path) -> None:
     rows, proj = report["rows"], report["projection"]
     lines = ["# Weak and strong scaling (real trainer; measured on this machine)", "",
              f"{report['steps']} timed steps per run after {report['warmup']} warm-up; a step = its slowest rank; "
-             f"ms/step is the median. Comm accounting on in every run (its cost is in the times). Load average at "
+             f"ms/step is the best step of the run (other jobs on a shared machine only add time, so the fastest "
+             f"step is the least noisy figure; all step times are in the JSON). Comm accounting on in every run (its cost is in the times). Load average at "
              f"the end {'/'.join(f'{x:.1f}' for x in os.getloadavg())}; base config overrides: "
              f"`{' '.join(report['base_overrides']) or '(default)'}`.", "",
              "Strong: same global batch and sequence; speed-up = T1 / Tn, efficiency = speed-up / n. Weak: n times the "
              "work (sequence x n for sp, global batch x n otherwise); efficiency = (tokens/s) / (n x tokens/s of one "
              "process). Bytes: per rank per step from the comm ledger (max over ranks) vs the analytic volume "
              "(bench_scaling_model.py).", "",
-             "| layout | mode | procs | ms/step | tokens/step | speed-up | efficiency | dim | MB measured | MB analytic | ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "CPU columns: the same ratios from each rank's process CPU time per step (slowest rank): on a loaded "
+             "machine a job with more processes also gets more CPU shares, so wall-clock efficiency can exceed 1; the CPU "
+             "figures do not see that (nor time spent waiting for peers).", "",
+             "| layout | mode | procs | ms/step | tokens/step | speed-up | efficiency | CPU ms/step | CPU efficiency | dim | "
+             "MB measured | MB analytic | ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dims = [d for d in model.DIMS if r["degrees"].get(d, 1) > 1] or ["-"]
         for i, d in enumerate(dims):
@@ -602,13 +612,14 @@ def write_study(report: dict, out: Path) -> None:
             ratio = f"{meas / ana_v:.3f}" if meas and ana_v else ("" if d == "-" else "n/a")
             first = i == 0
             lines.append(f"| {r['key'] if first else ''} | {r['mode'] if first else ''} | {r['world'] if first else ''} | "
-                         f"{r['step_s'] * 1e3:.1f} | {r['tokens']} | {r['speedup']:.2f} | {r['efficiency']:.2f} | {d} | "
+                         f"{r['step_s'] * 1e3:.1f} | {r['tokens']} | {r['speedup']:.2f} | {r['efficiency']:.2f} | "
+                         f"{r['cpu_step_s'] * 1e3:.1f} | {r['cpu_efficiency']:.2f} | {d} | "
                          f"{_mb(meas) if d != '-' else ''} | {_mb(ana_v) if d != '-' else ''} | {ratio} |")
     if report["skipped"]:
         lines += ["", "Layouts that do not fit (left out):", ""] + [f"- {s}" for s in report["skipped"]]
     inp = proj["inputs"]
     lines += ["", "## Projected to a GPU cluster (projected, not measured)", "",
-              f"Inputs: measured compute time per token here {inp['measured_cpu_s_per_token'] * 1e6:.1f} us "
+              f"Inputs: measured compute time per token here (1 process, CPU time) {inp['measured_cpu_s_per_token'] * 1e6:.1f} us "
               f"({inp['measured_cpu_tflops'] * 1e3:.2f} GFLOP/s achieved at {inp['flops_per_token'] / 1e6:.2f} MFLOP/token); "
               f"projected GPU compute per token {inp['gpu_s_per_token'] * 1e9:.3f} ns = FLOPs / (assumed peak "
               f"{inp['assumed_peak_tflops']:.0f} TFLOP/s x assumed MFU {inp['assumed_mfu']:.2f}); assumed links: intra-node "

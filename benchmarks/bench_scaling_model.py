@@ -199,8 +199,11 @@ def ratios(rows: list[dict]) -> None:
     for r in rows:
         b = base.get(r["mode"])
         if b is None:
-            r["speedup"] = r["efficiency"] = None
+            r["speedup"] = r["efficiency"] = r["cpu_speedup"] = r["cpu_efficiency"] = None
             continue
         throughput, base_throughput = r["tokens"] / r["step_s"], b["tokens"] / b["step_s"]
         r["speedup"] = throughput / base_throughput
         r["efficiency"] = r["speedup"] / r["world"]
+        if "cpu_step_s" in r:
+            r["cpu_speedup"] = (r["tokens"] / r["cpu_step_s"]) / (b["tokens"] / b["cpu_step_s"])
+            r["cpu_efficiency"] = r["cpu_speedup"] / r["world"]

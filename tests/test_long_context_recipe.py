@@ -97,6 +97,21 @@ def test_recipe_file_errors_are_one_line(tmp_path, capsys, extra, message):
     assert message in err and err.count("\n") == 1
 
 
+def test_shipped_recipe_checks_for_eight_processes(capsys):
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "long_context" / "recipe.yaml"
+    assert main(["recipe", str(recipe), "--nproc", "8", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "seq_len 1024  sp 1" in out and "seq_len 8192  sp 4" in out and "seq_len 32768  sp 8" in out
+
+
+def test_rerun_skips_the_stages_a_checkpoint_already_covers(tmp_path, capsys):
+    (tmp_path / "run" / "checkpoints" / "step_000000018").mkdir(parents=True)  # inside stage s128 (17-20)
+    assert main(["recipe", str(_recipe(tmp_path)), "--nproc", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "stage s64: done (checkpoint at step 18)" in out
+    assert "stage s128: meshweave train" in out and "stage s256: meshweave train" in out
+
+
 def test_stage_steps_accumulate(tmp_path):
     recipe = load_recipe(_recipe(tmp_path))
     assert [s.end_step for s in recipe.stages] == [16, 20, 24]

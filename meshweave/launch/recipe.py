@@ -145,12 +145,26 @@ def train_command(recipe: Recipe, stage: Stage, nproc: int | None, extra: list[s
     return cmd
 
 
+def newest_step(recipe: Recipe) -> int:
+    """The newest committed checkpoint step of the recipe's checkpoint directory (0 if none): a rerun of the
+    recipe skips the stages that ended at or before it and resumes the stage it lies in."""
+    from meshweave.checkpoint.layout import committed_steps
+
+    if not recipe.checkpoint_dir.is_dir():
+        return 0
+    return max(committed_steps(recipe.checkpoint_dir), default=0)
+
+
 def run_recipe(recipe: Recipe, nproc: int | None, extra: list[str], dry_run: bool = False) -> int:
     """Check every stage, then run them in order (each resumes the previous one); the first failing
     stage's exit status ends the recipe."""
     configs = check_recipe(recipe, nproc, extra)
     print(describe(recipe, configs), flush=True)
+    done = newest_step(recipe)
     for stage in recipe.stages:
+        if stage.end_step <= done:
+            print(f"meshweave recipe: stage {stage.name}: done (checkpoint at step {done})", flush=True)
+            continue
         cmd = train_command(recipe, stage, nproc, extra)
         print(f"meshweave recipe: stage {stage.name}: {' '.join(cmd[2:])}", flush=True)
         if dry_run:
