@@ -29,12 +29,14 @@ class PlainStateFormatError(ValueError):
     """A plain-state JSON file that is not what a meshweave save writes."""
 
 
-def verify(ckpt_dir: str | Path, manifest: dict[str, Any], names: list[str] | None = None) -> list[str]:
-    """Problems of the listed files (default: all, plus completeness): sizes, checksums, then contents."""
+def verify(ckpt_dir: str | Path, manifest: dict[str, Any], names: list[str] | None = None,
+           checksums: bool = True) -> list[str]:
+    """Problems of the listed files (default: all, plus completeness): sizes, checksums (unless
+    `checksums` is False: `checkpoint.verify: false`), then contents."""
     files = manifest["files"]
     problems = layout.structure_problems(ckpt_dir, manifest) if names is None else []
     for name in files if names is None else names:
-        problems += layout.verify_one(ckpt_dir, name, files[name]) or content_problems(ckpt_dir, name, manifest)
+        problems += layout.verify_one(ckpt_dir, name, files[name], checksums) or content_problems(ckpt_dir, name, manifest)
     return problems
 
 

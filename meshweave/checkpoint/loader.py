@@ -3,8 +3,10 @@
 Candidates are the committed step directories of every disk level, newest first (for equal steps the
 faster level first), plus the in-memory snapshot when every rank holds the same one. Rank 0 lists the
 candidates and broadcasts them; every rank verifies a strided share of each candidate's files against
-its manifest (sizes and checksums, then contents: see `contents`) and the problem counts are summed,
-so all ranks take the same decision. A candidate with any problem is skipped with a warning naming
+its manifest (sizes and CRC32 checksums, read streaming, then contents: see `contents`) and the problem
+counts are summed, so all ranks take the same decision: every file a load reads has been checked by some
+rank first. `checkpoint.verify: false` skips the checksums (sizes and the small JSON files' contents are
+still checked), for storage that checks itself or checkpoints too large to read twice. A candidate with any problem is skipped with a warning naming
 the bad files. Loading reads DCP's files through `storage.SafeFileSystemReader`: nothing is unpickled.
 """
 
@@ -50,16 +52,17 @@ def disk_candidates(cfg: CheckpointSettings) -> list[Candidate]:
     return sorted(found, key=lambda c: (-c.step, order[c.level]))
 
 
-def verify_share(path: str, rank: int, world_size: int) -> list[str]:
+def verify_share(path: str, rank: int, world_size: int, checksums: bool = True) -> list[str]:
     """Problems in this rank's share (every world_size-th file: sizes, checksums, contents) of a checkpoint;
-    manifest problems on every rank, missing files on rank 0."""
+    manifest problems on every rank, missing files on rank 0. `checksums=False` (`checkpoint.verify: false`)
+    skips reading the files for their checksums; sizes and the small files' contents are still checked."""
     try:
         manifest = layout.read_manifest(path)
     except layout.ManifestError as err:
         return [str(err)]
     names = sorted(manifest["files"])[rank::world_size]
     problems = layout.structure_problems(path, manifest) if rank == 0 else []
-    return problems + contents.verify(path, manifest, names)
+    return problems + contents.verify(path, manifest, names, checksums)
 
 
 def choose(comms: CheckpointComms, cfg: CheckpointSettings, memory_step: int | None) -> Candidate | None:
@@ -71,7 +74,7 @@ def choose(comms: CheckpointComms, cfg: CheckpointSettings, memory_step: int | N
     for cand in (Candidate(**c) for c in listed):
         if memory is not None and memory.step >= cand.step:
             return memory
-        problems = verify_share(cand.path, comms.rank, comms.world_size)
+        problems = verify_share(cand.path, comms.rank, comms.world_size, checksums=cfg.verify)
         for p in problems:
             log.warning("checkpoint verification: %s", p)
         total = comms.all_reduce_int(len(problems))

@@ -13,6 +13,7 @@ from meshweave.core.schema import CHECKPOINT_LEVELS, CheckpointConfig
 # The YAML `checkpoint:` section is the one definition of the settings; the checkpointer takes it as is.
 CheckpointSettings = CheckpointConfig
 MODES: tuple[str, ...] = get_args(get_type_hints(CheckpointConfig)["mode"])
+WRITERS: tuple[str, ...] = get_args(get_type_hints(CheckpointConfig)["writer"])
 LEVELS = CHECKPOINT_LEVELS  # also the only valid flush order
 
 
@@ -29,6 +30,12 @@ def validate_checkpoint_settings(s: CheckpointSettings) -> list[str]:
         problems.append(f"checkpoint.keep: got {s.keep!r}; use an integer >= 1")
     if not isinstance(s.resume, bool):
         problems.append(f"checkpoint.resume: got {s.resume!r}; use true or false")
+    if not isinstance(s.verify, bool):
+        problems.append(f"checkpoint.verify: got {s.verify!r}; use true (check checksums on resume) or false")
+    if s.writer not in WRITERS:
+        problems.append(f"checkpoint.writer: got {s.writer!r}; use one of {', '.join(WRITERS)}")
+    elif s.writer == "process" and s.mode != "lazy":
+        problems.append("checkpoint.writer: 'process' needs checkpoint.mode: lazy (sync mode writes in the training process)")
     problems += _level_problems(s)
     return problems
 
