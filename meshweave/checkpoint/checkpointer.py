@@ -23,6 +23,7 @@ import torch.distributed as dist
 from meshweave.checkpoint import loader
 from meshweave.checkpoint.comms import CheckpointComms
 from meshweave.checkpoint.crash import maybe_crash
+from meshweave.checkpoint.disk_writer import DiskWriterProcess, SharedBuffers
 from meshweave.checkpoint.entries import EntryKinds, capture
 from meshweave.checkpoint.settings import CheckpointSettings, validate_checkpoint_settings
 from meshweave.checkpoint.staging import CopyHook, HostSnapshot
@@ -67,8 +68,10 @@ class Checkpointer:
         self.kinds = EntryKinds(tuple(dcp_keys), tuple(replicated_keys))
         # A disabled checkpointer never communicates, so it needs no group.
         self.comms = CheckpointComms(group, rank, world_size) if cfg.enabled else CheckpointComms(None, 0, 1)
-        self.writer = LevelWriter(self.comms, cfg.keep)
-        self.snapshot = HostSnapshot()
+        # checkpoint.writer: process: staging buffers in shared memory, written by a writer process
+        self.disk = DiskWriterProcess(SharedBuffers()) if cfg.enabled and cfg.writer == "process" else None
+        self.writer = LevelWriter(self.comms, cfg.keep, self.disk)
+        self.snapshot = HostSnapshot(self.disk.buffers.allocate if self.disk is not None else None)
         self.stats = CheckpointStats()
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: Future | None = None
@@ -133,6 +136,10 @@ class Checkpointer:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            if self.disk is not None:  # the buffers go with it: nothing may use them after close
+                self.disk.close()
+                self._memory = None
+                self.snapshot = HostSnapshot(self.disk.buffers.allocate)
 
     # --- internals -----------------------------------------------------------------------
     def _due(self, step: int, final_step: bool) -> bool:

@@ -35,7 +35,10 @@ class _Source:
 class HostSnapshot:
     """Host copies of one checkpoint's tensor leaves, in buffers reused across saves."""
 
-    def __init__(self) -> None:
+    def __init__(self, allocate: Callable[[torch.Size, torch.dtype], torch.Tensor] | None = None) -> None:
+        """allocate(shape, dtype): where CPU buffers come from (default: torch.empty, pinned for CUDA
+        sources); the process writer passes shared-memory segments (disk_writer.SharedBuffers)."""
+        self._allocate = allocate
         self.buffers: dict[str, torch.Tensor] = {}
         self._sources: dict[str, _Source] = {}
         self._ready = threading.Event()
@@ -69,8 +72,11 @@ class HostSnapshot:
             return
         if buf is not None:
             self.allocated_bytes -= _nbytes(buf)
-        pin = local.is_cuda and torch.cuda.is_available()
-        self.buffers[key] = torch.empty(local.shape, dtype=local.dtype, device="cpu", pin_memory=pin)
+        if self._allocate is not None:  # shared memory is not pinned: the CUDA copy is then a pageable one
+            self.buffers[key] = self._allocate(local.shape, local.dtype)
+        else:
+            pin = local.is_cuda and torch.cuda.is_available()
+            self.buffers[key] = torch.empty(local.shape, dtype=local.dtype, device="cpu", pin_memory=pin)
         self.allocated_bytes += _nbytes(self.buffers[key])
 
     def wait(self) -> None:

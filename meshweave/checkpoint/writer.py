@@ -20,10 +20,15 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.planner import WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 
 from meshweave.checkpoint import layout
 from meshweave.checkpoint.comms import CheckpointComms
 from meshweave.checkpoint.crash import maybe_crash
+from meshweave.checkpoint.disk_writer import DiskWriterProcess
 from meshweave.checkpoint.storage import SafeFileSystemWriter
 
 log = logging.getLogger(__name__)
@@ -62,11 +67,51 @@ class _RecordingWriter(SafeFileSystemWriter):
         return future
 
 
-class LevelWriter:
-    """Writes checkpoints into disk levels for one rank; rank 0 commits."""
+class _ProcessRecordingWriter(_RecordingWriter):
+    """The same files, written by the writer process from the shared staging buffers (checkpoint.writer: process).
 
-    def __init__(self, comms: CheckpointComms, keep: int) -> None:
-        self.comms, self.keep = comms, keep
+    The file layout is SafeFileSystemWriter's (each item's raw bytes, in plan order); the writer process
+    returns each file's size and CRC32, so they are not read back here. A file holding an item that is
+    not in a shared buffer (none is expected) is written here instead, as the thread writer does.
+    """
+
+    def __init__(self, path: Path, level: str, step: int, rank: int, disk: DiskWriterProcess) -> None:
+        super().__init__(path, level, step, rank)
+        self.disk = disk
+        self.described: dict[str, dict] = {}
+
+    def write_data(self, plan, planner):
+        name = f"{plan.storage_data.prefix}0.distcp"
+        pieces, results, offset = [], [], 0
+        for item in plan.items:
+            if item.type == WriteItemType.BYTE_IO:
+                return super().write_data(plan, planner)  # refused there, with the message
+            data = planner.resolve_data(item).detach()
+            where = self.disk.buffers.locate(data)
+            if where is None or (item.tensor_data is not None and data.shape != item.tensor_data.chunk.sizes):
+                return super().write_data(plan, planner)
+            pieces.append(where)
+            results.append(WriteResult(index=item.index, size_in_bytes=where[2],
+                                       storage_data=_StorageInfo(name, offset, where[2])))
+            offset += where[2]
+        size, crc = self.disk.write(Path(self.path) / name, pieces, fsync=self.sync_files)
+        self.described[name] = {"size": size, "crc32": crc, "rank": self._rank}
+        self.written.add(name)
+        maybe_crash(f"write:{self._level}", self._step, self._rank)
+        future: Future[list[WriteResult]] = Future()
+        future.set_result(results)
+        return future
+
+
+class LevelWriter:
+    """Writes checkpoints into disk levels for one rank; rank 0 commits.
+
+    disk: the writer process (checkpoint.writer: process) that writes the data files and copies files
+    between levels; None writes them in the calling (background) thread.
+    """
+
+    def __init__(self, comms: CheckpointComms, keep: int, disk: DiskWriterProcess | None = None) -> None:
+        self.comms, self.keep, self.disk = comms, keep, disk
         self.rank, self.world_size = comms.rank, comms.world_size
 
     # --- first disk level: DCP ---------------------------------------------------------
@@ -81,13 +126,15 @@ class LevelWriter:
         tmp = self._prepare_tmp(level_dir, step)
         with self._agreed(step, f"writing the plain state to {tmp}"):
             own = {layout.per_rank_plain_name(self.rank): _write_json(tmp, layout.per_rank_plain_name(self.rank), payload.per_rank_plain)}
-        writer = _RecordingWriter(tmp, level, step, self.rank)
+        writer = _RecordingWriter(tmp, level, step, self.rank) if self.disk is None else \
+            _ProcessRecordingWriter(tmp, level, step, self.rank, self.disk)
         try:
             dcp.save(payload.tensors, storage_writer=writer, process_group=self.comms.pg, no_dist=not self.comms.distributed)
         except CheckpointException as err:  # a BaseException in DCP; raised on every rank alike
             raise CheckpointWriteError(f"step {step}: DCP save to {tmp} failed: {err}") from err
         with self._agreed(step, f"checksumming the files in {tmp}"):
-            own.update({name: _describe(tmp / name, self.rank) for name in writer.written})
+            described = getattr(writer, "described", {})
+            own.update({name: described.get(name) or _describe(tmp / name, self.rank) for name in writer.written})
         gathered = self.comms.all_gather_json({"files": own, "sharded_plain": payload.sharded_plain})
         final = Path(level_dir) / layout.step_dirname(step)
         # The agreement doubles as the barrier: later levels and the next save may rely on the commit.
@@ -108,7 +155,7 @@ class LevelWriter:
         try:
             manifest = layout.read_manifest(src_dir)
             mine = [n for n, meta in manifest["files"].items() if meta.get("rank", 0) == self.rank]
-            problems = _copy_verified(src_dir, tmp, {n: manifest["files"][n] for n in mine})
+            problems = _copy_verified(src_dir, tmp, {n: manifest["files"][n] for n in mine}, self.disk)
         except (OSError, layout.ManifestError) as err:
             problems = [f"{type(err).__name__}: {err}"]
         maybe_crash(f"write:{level}", step, self.rank)
@@ -232,14 +279,15 @@ def _merge_plain(gathered: list[dict]) -> dict[str, Any]:
     return merged
 
 
-def _copy_verified(src_dir: Path, dst_dir: Path, files: dict[str, dict]) -> list[str]:
-    """Copy files, checking each against the manifest while copying (a corrupt source is not promoted)."""
+def _copy_verified(src_dir: Path, dst_dir: Path, files: dict[str, dict], disk: DiskWriterProcess | None = None) -> list[str]:
+    """Copy files (here, or by the writer process), checking each against the manifest while copying
+    (a corrupt source is not promoted)."""
     problems = []
     for name, expect in files.items():
         src, dst = src_dir / name, dst_dir / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         try:
-            size, crc = _copy_with_crc(src, dst)
+            size, crc = _copy_with_crc(src, dst) if disk is None else disk.copy(src, dst)
         except OSError as err:
             problems.append(f"{src}: {err}")
             continue
