@@ -1,6 +1,6 @@
 """Two "nodes" on one machine: two Linux network namespaces joined by a veth pair (tests/test_multinode.py).
 
-Each namespace has its own interface and address (10.X.Y.1 and 10.X.Y.2, a /24 picked at random per test
+Each namespace has its own interface (named IFACE in both) and address (10.X.Y.1 and 10.X.Y.2, a /24 picked at random per test
 run, with unique namespace and interface names, so two test runs can go side by side). Processes enter a
 namespace with `nsenter --net` (not `ip netns exec`, which remounts /sys and hides the cgroup mounts slurmd
 needs). Both namespaces share the machine's hostname, which resolves to 127.0.0.1 in each, so torchrun's
@@ -29,6 +29,7 @@ import pytest
 from tests.slurm_cluster import _LEAKY, _LEAKY_PREFIXES
 
 RDZV_PORT = 29400  # free by construction: the namespaces are new
+IFACE = "mwnet0"  # the veth end's name inside each namespace (GLOO_SOCKET_IFNAME)
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -51,7 +52,8 @@ class TwoNodes:
     def __init__(self) -> None:
         tag = f"{os.getpid() % 10000:04d}{random.randrange(256):02x}"
         self.names = [f"mw{tag}n0", f"mw{tag}n1"]
-        self.ifaces = [f"mw{tag}v0", f"mw{tag}v1"]  # <= 15 characters (IFNAMSIZ)
+        self._tmp_ifaces = [f"mw{tag}v0", f"mw{tag}v1"]  # unique in the host namespace until moved; <= 15 chars
+        self.ifaces = [IFACE, IFACE]  # the veth end inside each node
         net = f"10.{random.randrange(200, 250)}.{random.randrange(256)}"
         self.addrs = [f"{net}.1", f"{net}.2"]
         self._made: list[str] = []
@@ -61,11 +63,12 @@ class TwoNodes:
         for name in self.names:
             _ip("netns", "add", name)
             self._made.append(name)
-        _ip("link", "add", self.ifaces[0], "type", "veth", "peer", "name", self.ifaces[1])
-        for name, iface, addr in zip(self.names, self.ifaces, self.addrs):
-            _ip("link", "set", iface, "netns", name)
-            _ip("-n", name, "addr", "add", f"{addr}/24", "dev", iface)
-            _ip("-n", name, "link", "set", iface, "up")
+        _ip("link", "add", self._tmp_ifaces[0], "type", "veth", "peer", "name", self._tmp_ifaces[1])
+        for name, tmp, addr in zip(self.names, self._tmp_ifaces, self.addrs):
+            _ip("link", "set", tmp, "netns", name)
+            _ip("-n", name, "link", "set", tmp, "name", IFACE)  # one name on every node, as on a real cluster
+            _ip("-n", name, "addr", "add", f"{addr}/24", "dev", IFACE)
+            _ip("-n", name, "link", "set", IFACE, "up")
             _ip("-n", name, "link", "set", "lo", "up")
         probe = (f"import socket; s = socket.socket(); s.settimeout(5); "
                  f"print(s.connect_ex(('{self.addrs[1]}', 9)))")  # refused (111): the link carries packets
@@ -132,7 +135,7 @@ class TwoNodes:
                 pass
         for name in self._made:
             _ip("netns", "del", name, check=False)
-        for iface in self.ifaces:  # normally gone with its namespace
+        for iface in self._tmp_ifaces:  # normally gone with its namespace
             if _ip("link", "show", iface, check=False).returncode == 0:
                 _ip("link", "del", iface, check=False)
         self._made.clear()
