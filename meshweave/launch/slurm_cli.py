@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction, with_config: Callable[[str, str], 
     p.add_argument("--port", type=int, help="rendezvous port on the first node (default: 20000 + job id %% 20000)")
     p.add_argument("--max-restarts", type=int, default=0, help="torchrun --max-restarts (default 0)")
     p.add_argument("--python", default=None,
-                   help="interpreter with meshweave installed on the nodes (default: this one, %(prog)s's)")
+                   help="interpreter with meshweave installed on the nodes (default: the one running this command)")
     p.add_argument("--sbatch-option", action="append", default=[], metavar="OPT",
                    help="another #SBATCH option, verbatim, e.g. --sbatch-option=--qos=high (repeatable)")
     p.add_argument("--out", metavar="FILE", help="write the script here instead of printing it")
