@@ -22,7 +22,7 @@ from meshweave.testing_equivalence import SMALL_TEST_CONFIG
 from meshweave.train.build import build_trainer
 from meshweave.train.config import load_config
 
-FAST_TIMEOUTS = ["fault_tolerance.heartbeat_s=0.2", "fault_tolerance.dead_after_s=2",
+FAST_TIMEOUTS = ["fault_tolerance.heartbeat_s=0.25", "fault_tolerance.dead_after_s=5",
                  "fault_tolerance.transfer_timeout_s=20", "fault_tolerance.rebalance_every_s=0"]
 
 

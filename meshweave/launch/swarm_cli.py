@@ -8,6 +8,8 @@ joins mid-run receives its stage's state from a live peer at the next step bound
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections.abc import Callable
 
 from meshweave.train.config import ConfigError, load_config
@@ -39,7 +41,12 @@ def cmd_swarm(args: argparse.Namespace) -> int:
             raise SystemExit(f"meshweave: swarm error: {err}") from None
     from meshweave.swarm.peer import Peer
 
-    return Peer(cfg).run()
+    status = Peer(cfg).run()
+    # Leave without running destructors: waits of aborted epochs may still block in gloo threads, and
+    # destroying their groups at interpreter exit would abort the process (std::terminate).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 __all__ = ["ConfigError", "cmd_swarm", "register"]

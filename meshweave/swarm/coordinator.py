@@ -67,6 +67,7 @@ class Coordinator:
         self.failed_at: float | None = None
         self.losses: list[float] = []
         self.joining: dict[int, dict[str, Any]] = {}
+        self.presumed_dead: dict[int, PeerInfo] = {}  # removed for silence; they rejoin if they beat again
         self.unsynced: set[int] = set()  # joined or moved peers that still need their stage's state
         self.restarted = self._load_state()
 
@@ -156,7 +157,8 @@ class Coordinator:
                 caught_up = applied == self.step or (self.last_commit is not None and applied == self.last_commit["step"]
                                                      and hello.get("pending_step") == self.last_commit["step"])
                 if old is not None and hello.get("stage") == old["stage"] and caught_up:
-                    self.members[peer] = PeerInfo(old["stage"], hello.get("index"))
+                    self.members[peer] = PeerInfo(old["stage"], hello.get("index"),
+                                                  ThroughputEMA.restored(old["seconds"]))
                 else:
                     self.joining[peer] = hello
             time.sleep(0.05)
@@ -164,6 +166,7 @@ class Coordinator:
 
     # -- between steps: joins and moves --------------------------------------------------------------------
     def _between_steps(self) -> None:
+        self._revive()
         for peer, hello in self._hellos().items():
             self.known.add(peer)
             self.joining[peer] = hello
@@ -172,6 +175,16 @@ class Coordinator:
             del self.joining[peer]
         if self.ft.rebalance_every_s > 0 and time.monotonic() - self.last_move_at >= self.ft.rebalance_every_s:
             self._maybe_move()
+
+    def _revive(self) -> None:
+        """A peer removed for silence that beats again (a stall, not a death) rejoins like a new peer."""
+        for peer, info in list(self.presumed_dead.items()):
+            key = ctl.heartbeat_key(peer)
+            beat = int(self.store.get(key)) if self.store.check([key]) else info.last_beat
+            if beat != info.last_beat:
+                del self.presumed_dead[peer]
+                self.joining[peer] = {"index": info.index}
+                self._say(f"peer {peer} answers again after being declared dead; it rejoins")
 
     def _admit(self, peer: int, index: str | None) -> None:
         stage = self._bottleneck_stage()
@@ -293,7 +306,7 @@ class Coordinator:
     def _abort(self, plan: dict[str, Any], reason: str, dead: list[int]) -> None:
         ctl.put(self.store, ctl.decision_key(self.step, self.attempt), {"commit": False, "reason": reason})
         for peer in dead:
-            del self.members[peer]
+            self.presumed_dead[peer] = self.members.pop(peer)
         self.counters.failures += len(dead)
         self.counters.aborted_attempts += 1
         self.counters.rerouted_microbatches += self.microbatches

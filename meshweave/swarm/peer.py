@@ -156,12 +156,12 @@ class Peer:
         self.applied_step, self.pending_step = step + 1, None
 
     def _apply_pending(self, plan: dict[str, Any]) -> None:
-        """After a coordinator restart: apply the step it committed while this peer could not hear it."""
+        """After a coordinator restart: apply the step it committed while this peer could not hear it; then
+        clear the gradients either way."""
         commit = plan.get("apply")
         if commit and self.pending_step == commit["step"] and self.applied_step == commit["step"]:
             self._apply(commit["step"], commit["norm"])
-        elif self.pending_step is not None:
-            self._discard()
+        self._discard()  # every attempt starts from zero gradients (an interrupted one may have left some)
 
     def _discard(self) -> None:
         self.pending_step = None

@@ -29,6 +29,14 @@ class ThroughputEMA:
         self._weight = (1 - self.alpha) * self._weight + self.alpha
         self.samples += 1
 
+    @classmethod
+    def restored(cls, seconds: float | None) -> ThroughputEMA:
+        """An average that continues from a persisted value (as one well-measured sample)."""
+        ema = cls()
+        if seconds is not None:
+            ema._value, ema._weight, ema.samples = seconds, 1.0, 1
+        return ema
+
     @property
     def seconds(self) -> float | None:
         return self._value / self._weight if self._weight > 0 else None
