@@ -15,8 +15,9 @@ in tens of milliseconds and can be fed nothing but paths and byte ranges.
 
 Failures: an OSError in the writer comes back with its errno and file name and is raised as an
 OSError in the caller (so DCP and the save's agreement report it like a failed write of the thread
-writer: exit 3); a writer that died is a CheckpointWriteError. The writer adopts every segment and
-removes them when its input closes, so a training process that is killed leaves no segment behind.
+writer: exit 3); a writer that died is a DiskWriterError naming its pid. The writer adopts every segment (each
+write request names the ones new since the last) and removes them when its input closes, so a
+training process that is killed after its first save leaves no segment behind.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class SharedBuffers:
             self.directory = tempfile.gettempdir()
         self._segments: list[tuple[int, int, str, mmap.mmap]] = []  # (start address, end, path, map)
         self._count = 0
-        self.on_new_segment = None  # called with each new segment's path (the writer adopts it)
+        self.unadopted: list[str] = []  # segments the writer process has not been told about yet
 
     def allocate(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
@@ -65,8 +66,7 @@ class SharedBuffers:
             mapped = mmap.mmap(fd, nbytes)
         finally:
             os.close(fd)
-        if self.on_new_segment is not None:
-            self.on_new_segment(path)
+        self.unadopted.append(path)
         tensor = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes).view(dtype).reshape(shape)
         self._segments.append((tensor.data_ptr(), tensor.data_ptr() + nbytes, path, mapped))
         return tensor
@@ -101,7 +101,6 @@ class DiskWriterProcess:
         self.buffers = buffers
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()  # one request at a time (the background thread; close from another)
-        buffers.on_new_segment = self._adopt
 
     @property
     def pid(self) -> int | None:
@@ -139,13 +138,11 @@ class DiskWriterProcess:
             raise DiskWriterError(f"checkpoint writer process: {error['message']}")
         return reply
 
-    def _adopt(self, path: str) -> None:
-        self._request({"op": "adopt", "path": path})
-
     def write(self, path: str | os.PathLike, pieces: list[tuple[str, int, int]], fsync: bool = True) -> tuple[int, str]:
         """Write the pieces, in order, as the file `path`; (size, CRC32 as 8 hex digits) of what was written."""
+        adopt, self.buffers.unadopted = self.buffers.unadopted, []  # the writer removes them when it ends
         reply = self._request({"op": "write", "path": os.fspath(path), "pieces": [list(p) for p in pieces if p[2]],
-                               "fsync": fsync})
+                               "fsync": fsync, "adopt": adopt})
         return reply["size"], reply["crc32"]
 
     def copy(self, src: str | os.PathLike, dst: str | os.PathLike) -> tuple[int, str]:
@@ -165,3 +162,4 @@ class DiskWriterProcess:
                 proc.wait()
             proc.stdout.close()
         self.buffers.release()
+        self.buffers.unadopted.clear()

@@ -1,8 +1,8 @@
 """The checkpoint writer process (see disk_writer.py): run as a script, standard library only.
 
 Reads length-prefixed JSON requests on stdin, answers each with length-prefixed JSON on stdout:
-  {"op": "adopt", "path": P}                          remember a shared segment (removed when we exit)
-  {"op": "write", "path": F, "pieces": [[P, off, n], ...], "fsync": bool}  -> {"size", "crc32"}
+  {"op": "write", "path": F, "pieces": [[P, off, n], ...], "fsync": bool, "adopt": [P, ...]}
+                                                      -> {"size", "crc32"}; adopted segments are removed when we exit
   {"op": "copy", "src": S, "dst": D}                  -> {"size", "crc32"} (dst fsynced)
 An OSError becomes {"error": {"errno", "strerror", "filename", "message"}}. At the end of stdin (the
 training process closed it, or died) every adopted segment is removed and the process exits.
@@ -80,11 +80,9 @@ def main():
                 return
             request = json.loads(_read_exact(stdin, LEN.unpack(head)[0]) or b"{}")
             op = request.get("op")
+            adopted.extend(request.get("adopt", []))
             try:
-                if op == "adopt":
-                    adopted.append(request["path"])
-                    reply = {}
-                elif op == "write":
+                if op == "write":
                     reply = _write(maps, request)
                 elif op == "copy":
                     reply = _copy(request)
