@@ -66,8 +66,9 @@ class Loop:
         self.app_state = {"model": ModelState([self.model]), "optimizer": OptimizerState([self.model], [self.opt])}
         self.ckpt = None
         if name.startswith("meshweave"):
-            mode = name.split()[-1]
-            settings = CheckpointSettings(dir=str(self.dir), every_steps=1, mode=mode, keep=KEEP)
+            mode = name.split()[1]
+            writer = "process" if name.endswith("process") else "thread"
+            settings = CheckpointSettings(dir=str(self.dir), every_steps=1, mode=mode, keep=KEEP, writer=writer)
             self.ckpt = Checkpointer(settings, None, 0, 1, replicated_keys=())
         self._pending = None  # dcp.async_save future
 
@@ -154,8 +155,12 @@ def _init_single_process_group() -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
 
 
-def measure(cfg: LlamaConfig, batch: int, seq: int, rounds: int, steps: int, root: Path) -> list[dict]:
-    loops = [Loop(name, cfg, batch, seq, root) for name in METHODS]
+WRITER_METHODS = ["none", "meshweave lazy", "meshweave lazy process"]  # --writers: checkpoint.writer thread vs process
+
+
+def measure(cfg: LlamaConfig, batch: int, seq: int, rounds: int, steps: int, root: Path,
+            methods: list[str] = METHODS) -> list[dict]:
+    loops = [Loop(name, cfg, batch, seq, root) for name in methods]
     for loop in loops:
         loop.run_block(2, record=False)  # warm-up: allocation of host buffers, first-save costs
     for r in range(rounds):
@@ -169,6 +174,57 @@ def measure(cfg: LlamaConfig, batch: int, seq: int, rounds: int, steps: int, roo
     return [{"method": loop.name, "step_ms": 1e3 * min(loop.block_step_s),
              "stall_ms": 1e3 * statistics.median(loop.stall_s), "params": params, "state_mb": state_mb}
             for loop in loops]
+
+
+def add_writer_ratios(rows: list[dict]) -> None:
+    base = next(r for r in rows if r["method"] == "none")
+    thread = next(r for r in rows if r["method"] == "meshweave lazy")
+    for r in rows:
+        r["overhead_pct"] = 100 * (r["step_ms"] / base["step_ms"] - 1)
+        r["step_vs_thread"] = r["step_ms"] / thread["step_ms"]
+        r["stall_vs_thread"] = r["stall_ms"] / thread["stall_ms"] if thread["stall_ms"] > 0 and r["method"] != "none" else None
+
+
+def write_writer_report(rows: list[dict], out: Path, setup: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# Lazy checkpoint every step: disk writes in a thread vs a writer process (CPU, one process)", "", setup, "",
+             "| method | step ms | overhead vs none | step / thread writer | stall ms / checkpoint | stall / thread writer |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        stall = "—" if r["stall_vs_thread"] is None else f"{r['stall_vs_thread']:.2f}"
+        lines.append(f"| {r['method']} | {r['step_ms']:.1f} | {r['overhead_pct']:+.1f}% | {r['step_vs_thread']:.3f} | "
+                     f"{r['stall_ms']:.2f} | {stall} |")
+    (out / "checkpoint_writer.md").write_text("\n".join(lines) + "\n")
+    (out / "checkpoint_writer.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
+    print("\n".join(lines))
+
+
+def measure_verify_load(cfg: LlamaConfig, root: Path, repeats: int) -> list[dict]:
+    """Time `load_latest` of one saved checkpoint with checkpoint.verify true and false, interleaved."""
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 65))
+    F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    opt.step()
+    state = {"model": ModelState([model]), "optimizer": OptimizerState([model], [opt])}
+    ckpt = Checkpointer(CheckpointSettings(dir=str(root), every_steps=1, keep=1), None, 0, 1, replicated_keys=())
+    ckpt.after_optimizer_step(1, state)
+    ckpt.close()
+    size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(repeats):
+        for verify in (True, False):
+            settings = CheckpointSettings(dir=str(root), every_steps=1, keep=1, verify=verify)
+            loader = Checkpointer(settings, None, 0, 1, replicated_keys=())
+            start = time.perf_counter()
+            assert loader.load_latest(state) == 1
+            times[verify].append(time.perf_counter() - start)
+    rows = [{"verify": v, "load_s": min(t), "load_s_median": statistics.median(t), "checkpoint_mb": size / 2**20}
+            for v, t in times.items()]
+    for r in rows:
+        r["vs_no_verify"] = r["load_s"] / rows[1]["load_s"]
+    return rows
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -230,7 +286,14 @@ def main() -> None:
     parser.add_argument("--large-state", action="store_true",
                         help="16k vocabulary: about 4x the state bytes with the same tensor count (torch.save's stall "
                              "grows with bytes, the lazy stall with the number of tensors); writes checkpoint_large.*")
+    parser.add_argument("--writers", action="store_true",
+                        help="checkpoint.writer thread vs process (none / lazy thread / lazy process); writes "
+                             "checkpoint_writer.*")
+    parser.add_argument("--verify-load", action="store_true",
+                        help="time resuming one checkpoint with checkpoint.verify true vs false; writes checkpoint_verify.*")
     args = parser.parse_args()
+    if args.verify_load:
+        return verify_load_main(args)
     if args.large_state:
         cfg, batch, seq, rounds, steps = LlamaConfig(vocab_size=16384, dim=256, n_layers=4, n_heads=8, n_kv_heads=4,
                                                      ffn_hidden=688), 8, 256, 3, 4
@@ -245,17 +308,50 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="mw_bench_ckpt_", dir=args.dir))
     load_before = os.getloadavg()[0]
     try:
-        rows = measure(cfg, batch, seq, rounds, steps, root)
+        rows = measure(cfg, batch, seq, rounds, steps, root, WRITER_METHODS if args.writers else METHODS)
     finally:
         shutil.rmtree(root, ignore_errors=True)
         dist.destroy_process_group()
-    add_ratios(rows)
+    if args.writers:
+        add_writer_ratios(rows)
+    else:
+        add_ratios(rows)
     setup = (f"model dim={cfg.dim} layers={cfg.n_layers} vocab={cfg.vocab_size} ({rows[0]['params'] / 1e6:.2f} M params, "
              f"{rows[0]['state_mb']:.0f} MiB model+AdamW state), batch {batch}x{seq}, torch {torch.__version__}, "
              f"{os.cpu_count()} CPU cores, {args.threads} compute thread(s); {rounds} interleaved rounds x {steps} steps "
              f"(step time: best round; stall: median); keep={KEEP}; machine load average {load_before:.1f} at start, "
              f"{os.getloadavg()[0]:.1f} at end")
-    write_report(rows, Path(args.out), setup, "checkpoint_large" if args.large_state else "checkpoint")
+    if args.writers:
+        write_writer_report(rows, Path(args.out), setup)
+    else:
+        write_report(rows, Path(args.out), setup, "checkpoint_large" if args.large_state else "checkpoint")
+
+
+def verify_load_main(args: argparse.Namespace) -> None:
+    """Resume time with and without checksum verification, on a checkpoint of a few hundred MiB."""
+    cfg = LlamaConfig(vocab_size=32768, dim=512, n_layers=4, n_heads=8, n_kv_heads=4, ffn_hidden=1376)
+    if args.quick:
+        cfg = LlamaConfig(vocab_size=8192, dim=256, n_layers=2, n_heads=8, n_kv_heads=4, ffn_hidden=688)
+    torch.set_num_threads(args.threads)
+    root = Path(tempfile.mkdtemp(prefix="mw_bench_verify_", dir=args.dir))
+    load_before = os.getloadavg()[0]
+    try:
+        rows = measure_verify_load(cfg, root, repeats=3 if args.quick else 5)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    setup = (f"one process, checkpoint of {rows[0]['checkpoint_mb']:.0f} MiB (model dim={cfg.dim} layers={cfg.n_layers} "
+             f"vocab={cfg.vocab_size} + AdamW state), page cache warm (the same files loaded repeatedly, verify true "
+             f"and false interleaved; best of the repeats); torch {torch.__version__}, {os.cpu_count()} CPU cores; "
+             f"load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end")
+    lines = ["# Resume time with and without checksum verification (checkpoint.verify)", "", setup, "",
+             "| checkpoint.verify | load s (best) | load s (median) | vs verify false |", "|---|---|---|---|"]
+    lines += [f"| {str(r['verify']).lower()} | {r['load_s']:.3f} | {r['load_s_median']:.3f} | {r['vs_no_verify']:.2f}x |"
+              for r in rows]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "checkpoint_verify.md").write_text("\n".join(lines) + "\n")
+    (out / "checkpoint_verify.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
