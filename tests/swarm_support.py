@@ -60,7 +60,13 @@ class SwarmRun:
 
 def read_run(run_dir: Path, returncode: int, output: str) -> SwarmRun:
     ledger_path = run_dir / "swarm" / "ledger.jsonl"
-    ledger = [json.loads(line) for line in ledger_path.read_text().splitlines()] if ledger_path.exists() else []
+    ledger: list[dict[str, Any]] = []
+    for line in ledger_path.read_text().splitlines() if ledger_path.exists() else []:
+        entry = json.loads(line)
+        if "rolled_back_to" in entry:  # steps after a restored snapshot were redone: keep the redo
+            ledger = [e for e in ledger if e["step"] < entry["rolled_back_to"]]
+        else:
+            ledger.append(entry)
     peers = [torch.load(p, weights_only=True) for p in sorted((run_dir / "swarm" / "peers").glob("*.pt"))] \
         if (run_dir / "swarm" / "peers").exists() else []
     return SwarmRun(returncode, output, ledger, peers)
@@ -68,7 +74,7 @@ def read_run(run_dir: Path, returncode: int, output: str) -> SwarmRun:
 
 def run_local(run_dir: Path, overrides: list[str], timeout: float = 240, **env: str) -> SwarmRun:
     """`meshweave train` with fault_tolerance.mode: swarm (coordinator here, peers as processes)."""
-    proc = subprocess.run(meshweave("train", *as_args(overrides)), capture_output=True, text=True, timeout=timeout,
+    proc = subprocess.run(meshweave("train", *as_args(overrides)), capture_output=True, text=True, timeout=timeout, check=False,
                           env=child_env(**env))
     logs = "".join(p.read_text() for p in sorted((run_dir / "swarm").glob("peer-index*.log")))
     return read_run(run_dir, proc.returncode, proc.stdout + proc.stderr + logs)
@@ -94,16 +100,19 @@ class SeparateSwarm:
         self.coordinator = self._start("coordinator", f"coordinator-{time.monotonic_ns()}")
 
     def start_peer(self, **env: str) -> subprocess.Popen:
+        env = {"MESHWEAVE_SWARM_INDEX": str(len(self.peers)), **env}
         proc = self._start("peer", f"peer-{len(self.peers)}", **env)
         self.peers.append(proc)
         return proc
 
-    def wait_for_step(self, step: int, timeout: float = 120) -> None:
+    def wait_for_step(self, step: int, timeout: float = 120) -> dict[str, Any]:
+        """The ledger entry of committed step `step` (1-based), once it is there."""
         ledger = self.run_dir / "swarm" / "ledger.jsonl"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if ledger.exists() and len(ledger.read_text().splitlines()) >= step:
-                return
+            lines = ledger.read_text().splitlines() if ledger.exists() else []
+            if len(lines) >= step:
+                return json.loads(lines[step - 1])
             time.sleep(0.1)
         raise TimeoutError(f"the swarm did not commit step {step} within {timeout} s:\n{self.output()}")
 
@@ -112,7 +121,10 @@ class SeparateSwarm:
         try:
             code = self.coordinator.wait(timeout=timeout)
             for p in self.peers:
-                p.wait(timeout=30)
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:  # a peer that never got in waits for a coordinator: stop it
+                    p.kill()
         finally:
             self.kill_all()
         return read_run(self.run_dir, code, self.output())

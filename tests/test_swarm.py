@@ -8,6 +8,7 @@ ledger must show each microbatch of each committed step served exactly once by e
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 
 import pytest
@@ -16,8 +17,14 @@ from meshweave.launch.cli import main
 from meshweave.swarm.coordinator import ledger_problem
 from meshweave.swarm.rebalance import best_move
 from meshweave.swarm.routing import ThroughputEMA, draw_routes, split_counts
-from tests.swarm_support import (SeparateSwarm, assert_exactly_once, assert_matches_reference, reference, run_local,
-                                 swarm_config)
+from tests.swarm_support import (
+    SeparateSwarm,
+    assert_exactly_once,
+    assert_matches_reference,
+    reference,
+    run_local,
+    swarm_config,
+)
 
 STEPS = 6
 
@@ -166,16 +173,17 @@ def test_a_starved_stage_gains_a_peer_and_the_weights_stay_exact(tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_peer_restarted_with_the_same_command_rejoins(tmp_path):
-    steps = 12
+    steps = 30
     ref = reference(layers=2, steps=steps)
     swarm = SeparateSwarm(tmp_path, swarm_config(tmp_path, steps))
+    paced = "slow:seconds=0.25"  # ~1 s per step, so that the run is still going when the restarted peer is up
     try:
         swarm.start_coordinator()
         victim = swarm.start_peer(MESHWEAVE_SWARM_FAULT="kill:point=forward:step=3")
         for _ in range(3):
-            swarm.start_peer()
+            swarm.start_peer(MESHWEAVE_SWARM_FAULT=paced)
         assert victim.wait(timeout=120) == -9
-        swarm.start_peer()  # the same command again
+        swarm.start_peer(MESHWEAVE_SWARM_FAULT=paced)  # the same command again
         run = swarm.finish()
     finally:
         swarm.kill_all()
@@ -205,5 +213,33 @@ def test_the_coordinator_killed_and_restarted_resumes_the_run(tmp_path):
         swarm.kill_all()
     assert run.returncode == 0, run.output[-4000:]
     assert "coordinator resumes at step" in run.output
+    assert_exactly_once(run, steps, stages=2)
+    assert_matches_reference(run, ref)
+
+
+@pytest.mark.slow
+def test_a_stage_that_loses_every_peer_pauses_until_one_joins_and_resumes_from_its_snapshot(tmp_path):
+    steps = 10
+    ref = reference(layers=2, steps=steps)
+    swarm = SeparateSwarm(tmp_path, swarm_config(tmp_path, steps, peers="[2,1]",
+                                                 extra=["fault_tolerance.snapshot_every=2"]))
+    try:
+        swarm.start_coordinator()
+        for _ in range(3):
+            swarm.start_peer()
+        entry = swarm.wait_for_step(5)
+        lone = next(int(info["index"]) for info in entry["peers"].values() if info["stage"] == 1)
+        swarm.peers[lone].kill()
+        swarm.peers[lone].wait()
+        deadline = time.monotonic() + 60
+        while "paused at step" not in swarm.output():
+            assert time.monotonic() < deadline, swarm.output()[-3000:]
+            time.sleep(0.2)
+        swarm.start_peer()
+        run = swarm.finish()
+    finally:
+        swarm.kill_all()
+    assert run.returncode == 0, run.output[-4000:]
+    assert "resuming from the stage snapshots of step" in run.output
     assert_exactly_once(run, steps, stages=2)
     assert_matches_reference(run, ref)

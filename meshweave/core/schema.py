@@ -221,6 +221,8 @@ class FaultToleranceConfig:
     rebalance_gain: Annotated[float, Range(gt=1.0)] = 1.25  # move only if the bottleneck improves this much
     min_peers_per_stage: AtLeast1 = 1  # a stage never gives away its last peers below this
     wait_for_peers_s: Positive = 600.0  # a stage without peers pauses the job this long for one to join
+    snapshot_every: AtLeast0 = 0  # save each stage every N steps (RUN_DIR/swarm/stages) so that a stage that
+    #                               loses every peer is restored by a new one; 0 = off (the run then stops)
 
 
 @dataclass

@@ -10,10 +10,12 @@ Keys (all small):
   peers/next              counter: the next peer id
   hello/<id>              a peer's registration {pid, host, applied_step, stage, pending}
   hb/<id>                 a peer's heartbeat counter
-  current                 {"step", "attempt"} of the plan in force, or {"done": true}
-  plan/<step>/<attempt>   the plan: epoch, stage of each member, routes, state transfers
-  vote/<step>/<attempt>/<id>   a member's outcome of the attempt
-  decision/<step>/<attempt>    "commit" (+ gradient norm) or "abort" (+ reason)
+  current                 {"round", "step", "attempt"} of the plan in force, or {"done": true}
+  plan/<round>            the plan: step, attempt, epoch, stage of each member, routes, state transfers
+  vote/<round>/<id>       a member's outcome of the round
+  decision/<round>        "commit" (+ gradient norm) or "abort" (+ reason)
+A round is one attempt of one step; rounds are numbered once per run (a step redone after a roll-back
+gets new keys, never a stale decision).
 """
 
 from __future__ import annotations
@@ -37,16 +39,16 @@ def heartbeat_key(peer: int) -> str:
     return f"hb/{peer}"
 
 
-def plan_key(step: int, attempt: int) -> str:
-    return f"plan/{step}/{attempt}"
+def plan_key(round_: int) -> str:
+    return f"plan/{round_}"
 
 
-def vote_key(step: int, attempt: int, peer: int) -> str:
-    return f"vote/{step}/{attempt}/{peer}"
+def vote_key(round_: int, peer: int) -> str:
+    return f"vote/{round_}/{peer}"
 
 
-def decision_key(step: int, attempt: int) -> str:
-    return f"decision/{step}/{attempt}"
+def decision_key(round_: int) -> str:
+    return f"decision/{round_}"
 
 
 def put(store: dist.Store, key: str, value: Any) -> None:

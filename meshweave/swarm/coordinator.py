@@ -22,6 +22,7 @@ from typing import Any
 
 from meshweave.core.schema import Config
 from meshweave.swarm import control as ctl
+from meshweave.swarm import snapshots
 from meshweave.swarm.rebalance import best_move
 from meshweave.swarm.routing import ThroughputEMA, draw_routes
 
@@ -60,13 +61,15 @@ class Coordinator:
         self.store = ctl.host_store(self.ft.coordinator)
         self.members: dict[int, PeerInfo] = {}
         self.known: set[int] = set()
-        self.step, self.epoch, self.attempt = 0, 0, 0
+        self.step, self.epoch, self.attempt, self.round = 0, 0, 0, 0
         self.last_commit: dict[str, Any] | None = None
         self.counters = Counters()
         self.last_move_at = time.monotonic()
         self.failed_at: float | None = None
         self.losses: list[float] = []
         self.joining: dict[int, dict[str, Any]] = {}
+        self.restore: dict[str, int] | None = None  # the snapshot every peer loads before the next commit
+        self.pauses = 0
         self.presumed_dead: dict[int, PeerInfo] = {}  # removed for silence; they rejoin if they beat again
         self.unsynced: set[int] = set()  # joined or moved peers that still need their stage's state
         self.restarted = self._load_state()
@@ -76,7 +79,7 @@ class Coordinator:
         return self.dir / "coordinator.json"
 
     def _save_state(self) -> None:
-        state = {"step": self.step, "epoch": self.epoch, "last_commit": self.last_commit, "losses": self.losses,
+        state = {"step": self.step, "epoch": self.epoch, "round": self.round, "last_commit": self.last_commit, "losses": self.losses,
                  "members": {str(p): {"stage": i.stage, "seconds": i.ema.seconds} for p, i in self.members.items()},
                  "next_peer": max(self.known, default=-1) + 1}
         tmp = self._state_path().with_suffix(".tmp")
@@ -88,6 +91,7 @@ class Coordinator:
             return False
         state = json.loads(self._state_path().read_text())
         self.step, self.epoch, self.last_commit = state["step"], state["epoch"] + 1, state["last_commit"]
+        self.round = state["round"] + 1
         self.losses = state["losses"]
         self.store.add(ctl.NEXT_PEER, state["next_peer"])
         self.previous_members = {int(p): v for p, v in state["members"].items()}
@@ -224,8 +228,8 @@ class Coordinator:
     # -- one step ------------------------------------------------------------------------------------------
     def _run_step(self) -> None:
         plan = self._plan()
-        ctl.put(self.store, ctl.plan_key(self.step, self.attempt), plan)
-        ctl.put(self.store, ctl.CURRENT, {"step": self.step, "attempt": self.attempt})
+        ctl.put(self.store, ctl.plan_key(self.round), plan)
+        ctl.put(self.store, ctl.CURRENT, {"round": self.round, "step": self.step, "attempt": self.attempt})
         outcome = self._collect(plan)
         if outcome is None:
             return
@@ -234,11 +238,14 @@ class Coordinator:
     def _plan(self) -> dict[str, Any]:
         routes = draw_routes(self._stage_peers(), self._rates(), self.microbatches, self.cfg.train.seed, self.step,
                              self.attempt)
-        plan = {"step": self.step, "attempt": self.attempt, "epoch": self.epoch,
+        plan = {"round": self.round, "step": self.step, "attempt": self.attempt, "epoch": self.epoch,
                 "members": {str(p): i.stage for p, i in self.members.items()}, "routes": routes,
                 "transfers": self._transfers()}
         if self.restarted and self.last_commit is not None:
             plan["apply"] = self.last_commit
+        plan["snapshot_writers"] = {str(s): min(ps) for s, ps in enumerate(self._stage_peers()) if ps}
+        if self.restore is not None:
+            plan["restore"] = self.restore
         return plan
 
     def _transfers(self) -> list[dict[str, int]]:
@@ -262,7 +269,7 @@ class Coordinator:
                 return self._abort(plan, f"peer(s) {dead} stopped answering", dead)
             for peer in self.members:
                 if peer not in votes:
-                    vote = ctl.get(self.store, ctl.vote_key(self.step, self.attempt, peer))
+                    vote = ctl.get(self.store, ctl.vote_key(self.round, peer))
                     if vote is not None:
                         votes[peer] = vote
             failed = {p: v for p, v in votes.items() if not v["ok"]}
@@ -304,7 +311,8 @@ class Coordinator:
         return []
 
     def _abort(self, plan: dict[str, Any], reason: str, dead: list[int]) -> None:
-        ctl.put(self.store, ctl.decision_key(self.step, self.attempt), {"commit": False, "reason": reason})
+        ctl.put(self.store, ctl.decision_key(self.round), {"commit": False, "reason": reason})
+        self.round += 1
         for peer in dead:
             self.presumed_dead[peer] = self.members.pop(peer)
         self.counters.failures += len(dead)
@@ -333,8 +341,10 @@ class Coordinator:
         self._write_ledger(plan, votes, loss)
         self.step, self.attempt, self.restarted = self.step + 1, 0, False
         self.unsynced.clear()
+        self.restore = None
         self._save_state()  # before the decision: a restarted coordinator must know this step committed
-        ctl.put(self.store, ctl.decision_key(plan["step"], plan["attempt"]), {"commit": True, **self.last_commit})
+        ctl.put(self.store, ctl.decision_key(plan["round"]), {"commit": True, **self.last_commit})
+        self.round += 1
         if self.failed_at is not None:
             self.counters.recoveries_s.append(time.monotonic() - self.failed_at)
             self.failed_at = None
@@ -358,11 +368,34 @@ class Coordinator:
         return [s for s, peers in enumerate(self._stage_peers()) if not peers]
 
     def _pause_for_peers(self) -> None:
+        """A stage has no peer: wait for peers to fill it, then roll every stage back to the newest snapshot."""
         empty = self._empty_stages()
-        self._say(f"stage(s) {empty} have no live peer: paused; start a peer (`meshweave swarm peer CONFIG`) "
-                  f"within {self.ft.wait_for_peers_s:g} s")
-        raise SwarmStopped(f"stage(s) {empty} lost every peer and their weights with them; restart the run from "
-                           "its last checkpoint")
+        if self.step > 0 and not self.ft.snapshot_every:
+            raise SwarmStopped(f"stage(s) {empty} lost every peer and their weights with them (set "
+                               "fault_tolerance.snapshot_every to survive this); restart the run from its last checkpoint")
+        self._say(f"stage(s) {empty} have no live peer: paused at step {self.step}; start a peer "
+                  f"(`meshweave swarm peer CONFIG`) within {self.ft.wait_for_peers_s:g} s")
+        deadline = time.monotonic() + self.ft.wait_for_peers_s
+        while self._empty_stages():
+            if time.monotonic() > deadline:
+                raise SwarmStopped(f"stage(s) {self._empty_stages()} got no peer within {self.ft.wait_for_peers_s:g} s")
+            for peer, hello in self._hellos().items():
+                self.known.add(peer)
+                self._admit(peer, hello.get("index"))
+            time.sleep(0.05)
+        if self.step > 0:
+            self._roll_back()
+
+    def _roll_back(self) -> None:
+        step = snapshots.newest_common_step(self.cfg.run_dir, self.ft.stages)
+        self.pauses += 1
+        self.restore = {"step": step, "id": self.pauses}
+        self._say(f"resuming from the stage snapshots of step {step}: steps {step + 1}..{self.step} are redone")
+        with open(self.dir / "ledger.jsonl", "a") as f:
+            f.write(json.dumps({"rolled_back_to": step, "from": self.step}) + "\n")
+        self.step, self.attempt, self.losses = step, 0, self.losses[:step]
+        self.unsynced.clear()
+        self.epoch += 1
 
     def _stage_counts(self) -> str:
         return "+".join(str(len(p)) for p in self._stage_peers())

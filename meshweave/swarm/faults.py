@@ -2,7 +2,8 @@
 
 MESHWEAVE_SWARM_FAULT="kill:point=P:step=S[:attempt=A][:index=I]" SIGKILLs this peer when it reaches
 point P of step S (attempt A, default 0); P is one of forward, backward, allreduce, commit, join.
-"slow:factor=F[:index=I]" makes every microbatch's compute take F times as long (a sleep).
+"slow:factor=F[:seconds=X][:index=I]" makes every microbatch's compute take F times as long, plus X
+seconds (a sleep).
 `index` matches MESHWEAVE_SWARM_INDEX, which the local launcher sets per peer (0, 1, ...), so one
 environment can target one peer; without it the fault applies to whichever process carries it.
 """
@@ -45,7 +46,8 @@ def maybe_kill(point: str, step: int, attempt: int) -> None:
 
 
 def slow_down(seconds_computed: float) -> None:
-    """Sleep so that a microbatch takes `factor` times its compute time, if this peer is slowed."""
+    """Sleep so that a microbatch takes `factor` times its compute time (plus `seconds`), if this peer is slowed."""
     fault = _fault()
     if fault is not None and fault[0] == "slow":
-        time.sleep(max(0.0, float(fault[1].get("factor", 1)) - 1.0) * seconds_computed)
+        values = fault[1]
+        time.sleep(max(0.0, float(values.get("factor", 1)) - 1.0) * seconds_computed + float(values.get("seconds", 0)))

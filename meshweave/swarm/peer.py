@@ -21,6 +21,7 @@ import torch
 
 from meshweave.core.schema import Config
 from meshweave.swarm import control as ctl
+from meshweave.swarm import snapshots
 from meshweave.swarm.dataplane import EpochGroups, StepAborted, TransferFailed, Waiter
 from meshweave.swarm.faults import maybe_kill, slow_down
 from meshweave.swarm.stage import TRANSFER_TAG, StageModel, StepData
@@ -59,6 +60,7 @@ class Peer:
         self.data = StepData(cfg, self.microbatches)
         self.model: StageModel | None = None
         self.applied_step, self.pending_step = 0, None
+        self.restored: int | None = None  # the restore (pause) this peer last loaded a snapshot for
         self.groups: EpochGroups | None = None
         self.retired: list[EpochGroups] = []  # old epochs' groups: never destroyed mid-wait
         self.store = ctl.connect(self.ft.coordinator, patience_s=self.ft.wait_for_peers_s)
@@ -84,7 +86,7 @@ class Peer:
                 seen = current
                 if current.get("done"):
                     return self._finish()
-                plan = ctl.get(self.store, ctl.plan_key(current["step"], current["attempt"]))
+                plan = ctl.get(self.store, ctl.plan_key(current["round"]))
                 if plan is not None and str(self.id) in plan["members"]:
                     self._attempt(plan)
             except STORE_ERRORS as err:
@@ -120,8 +122,8 @@ class Peer:
 
     # -- one attempt of a step --------------------------------------------------------------------------
     def _attempt(self, plan: dict[str, Any]) -> None:
-        step, attempt = plan["step"], plan["attempt"]
-        decision = ctl.decision_key(step, attempt)
+        step = plan["step"]
+        decision = ctl.decision_key(plan["round"])
         waiter = Waiter(lambda: self.store.check([decision]), self.ft.transfer_timeout_s)
         self._apply_pending(plan)
         try:
@@ -130,13 +132,13 @@ class Peer:
             report = self._compute(plan, waiter)
             report.update(self._reduce(plan, waiter))
             self.pending_step = step
-            ctl.put(self.store, ctl.vote_key(step, attempt, self.id), {"ok": True, **report})
+            ctl.put(self.store, ctl.vote_key(plan["round"], self.id), {"ok": True, **report})
         except StepAborted:
             self._discard()
             return
         except TransferFailed as err:
             self._discard()
-            ctl.put(self.store, ctl.vote_key(step, attempt, self.id),
+            ctl.put(self.store, ctl.vote_key(plan["round"], self.id),
                     {"ok": False, "error": str(err), "suspect": err.suspect})
         self._await_decision(plan, decision)
 
@@ -147,6 +149,7 @@ class Peer:
         if outcome["commit"] and self.pending_step == plan["step"]:
             maybe_kill("commit", plan["step"], plan["attempt"])
             self._apply(plan["step"], outcome["norm"])
+            self._maybe_snapshot(plan)
         else:
             self._discard()
 
@@ -154,6 +157,30 @@ class Peer:
         assert self.model is not None
         self.model.apply(step, float.fromhex(norm_hex))
         self.applied_step, self.pending_step = step + 1, None
+
+    def _maybe_snapshot(self, plan: dict[str, Any]) -> None:
+        every = self.ft.snapshot_every
+        assert self.model is not None
+        if every and self.applied_step % every == 0 and plan["snapshot_writers"].get(str(self.model.stage)) == self.id:
+            snapshots.save(self.cfg.run_dir, self.model.stage, self.applied_step,
+                           self.model.state_tensors(with_optimizer=True))
+
+    def _restore(self, plan: dict[str, Any]) -> None:
+        """Roll this peer's stage back to the snapshot the plan names (after a stage lost every peer)."""
+        restore = plan.get("restore")
+        if restore is None or self.restored == restore["id"]:
+            return
+        assert self.model is not None
+        step = restore["step"]
+        if step == 0:  # no snapshot yet: the seeded initial weights
+            self.model = StageModel(self.cfg, self.model.stage, self.device)
+        else:
+            self.model.materialise_optimizer_state()
+            saved = snapshots.load(self.cfg.run_dir, self.model.stage, step)
+            with torch.no_grad():
+                for tensor, value in zip(self.model.state_tensors(with_optimizer=True), saved, strict=True):
+                    tensor.copy_(value.view_as(tensor))
+        self.applied_step, self.pending_step, self.restored = step, None, restore["id"]
 
     def _apply_pending(self, plan: dict[str, Any]) -> None:
         """After a coordinator restart: apply the step it committed while this peer could not hear it; then
@@ -186,7 +213,8 @@ class Peer:
         stage = plan["members"][str(self.id)]
         if self.model is None or self.model.stage != stage:
             self.model, self.applied_step, self.pending_step = StageModel(self.cfg, stage, self.device), 0, None
-        for i, move in enumerate(plan.get("transfers", [])):
+        self._restore(plan)
+        for i, move in enumerate(plan["transfers"] if plan.get("restore") is None else []):
             with_optimizer = plan["step"] > 0
             if move["receiver"] == self.id:
                 maybe_kill("join", plan["step"], plan["attempt"])
