@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from meshweave.core.mesh import device_type_for
 from meshweave.core.schema import Config
 from meshweave.swarm import control as ctl
 from meshweave.swarm import snapshots
@@ -31,6 +32,15 @@ STORE_ERRORS = (RuntimeError, OSError, ConnectionError)
 
 def microbatch_tag(step: int, microbatches: int, m: int, backward: bool) -> int:
     return ((step % 2) * microbatches + m) * 2 + int(backward)
+
+
+def peer_device(requested: str) -> torch.device:
+    """The peer's compute device: its LOCAL_RANK's GPU when CUDA is used (one peer per GPU), else the CPU."""
+    if device_type_for(requested) == "cuda":
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
 
 
 class Heartbeat:
@@ -55,7 +65,7 @@ class Heartbeat:
 class Peer:
     def __init__(self, cfg: Config, device: torch.device | None = None) -> None:
         self.cfg, self.ft = cfg, cfg.fault_tolerance
-        self.device = device or torch.device("cpu")
+        self.device = device or peer_device(cfg.train.device)
         self.microbatches = self.ft.microbatches or cfg.train.global_batch
         self.data = StepData(cfg, self.microbatches)
         self.model: StageModel | None = None
