@@ -71,8 +71,9 @@ def run_torchrun(run_dir: Path, steps: int, kill_step: int, every: int) -> dict:
 
 def recovery(times: list[float], steps: list[int], kill_step: int) -> dict:
     """Rates before and after the failure, and the wall time from the last step before it to the next new step."""
-    last_before = max(i for i, s in enumerate(steps) if s <= kill_step and (i + 1 == len(steps) or steps[i + 1] > s))
-    next_new = next(i for i in range(last_before + 1, len(steps)) if steps[i] > kill_step)
+    reached = max(s for s in steps if s <= kill_step)  # the last step logged before the failure
+    last_before = steps.index(reached)
+    next_new = next(i for i in range(last_before + 1, len(steps)) if steps[i] > reached)
     before = (steps[last_before] - steps[0]) / (times[last_before] - times[0])
     after = (steps[-1] - steps[next_new]) / (times[-1] - times[next_new])
     redone = sum(1 for i, s in enumerate(steps) if any(s == t for t in steps[:i]))
