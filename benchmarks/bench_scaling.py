@@ -86,6 +86,20 @@ def has_accounting_option() -> bool:
     return any(f.name == "comm_accounting" for f in dataclasses.fields(cfg.logging))
 
 
+def _timed_steps(trainer, steps: int, warmup: int) -> tuple[list[float], list[float], dict]:
+    """Warm up, then time `steps` optimizer steps: wall and CPU seconds of each, and the ledger of the timed ones."""
+    for _ in range(warmup):
+        trainer.train_step()
+    trainer.p.mesh.ledger.reset()
+    times, cpu = [], []
+    for _ in range(steps):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        trainer.train_step()
+        times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)  # all threads of this process: robust to other jobs' load
+    return times, cpu, trainer.p.mesh.ledger.snapshot()
+
+
 def _measure(overrides: list[str], steps: int, warmup: int) -> dict:
     # One process = one device: each gets one core's worth of threads, whatever the layout, so a
     # 1-process baseline is not an oversubscribed (OpenMP spin-waiting) multi-thread run.
@@ -96,16 +110,7 @@ def _measure(overrides: list[str], steps: int, warmup: int) -> dict:
         cfg = load_config(None, [f"train.steps={steps + warmup}", f"run_dir={run_dir}", "logging.jsonl=false",
                                  "data.max_bytes=1000000", *overrides])
         trainer = build_trainer(cfg)
-        for _ in range(warmup):
-            trainer.train_step()
-        trainer.p.mesh.ledger.reset()
-        times, cpu = [], []
-        for _ in range(steps):
-            start, start_cpu = time.perf_counter(), time.process_time()
-            trainer.train_step()
-            times.append(time.perf_counter() - start)
-            cpu.append(time.process_time() - start_cpu)  # all threads of this process: robust to other jobs' load
-        ledger = trainer.p.mesh.ledger.snapshot()
+        times, cpu, ledger = _timed_steps(trainer, steps, warmup)
         trainer.p.mesh.close()
         return {"times": times, "cpu": cpu, "ledger": ledger, "tokens": cfg.train.global_batch * cfg.train.seq_len,
                 "params": parameter_count(cfg.model), "meshweave": str(Path(meshweave.__file__).parent)}
@@ -450,16 +455,7 @@ def _measure_study(runs: list[list[str]], steps: int, warmup: int) -> list[dict]
             cfg = load_config(None, [f"train.steps={steps + warmup}", f"run_dir={run_dir}", "logging.jsonl=false",
                                      "logging.comm_accounting=true", *overrides])
             trainer = build_trainer(cfg)
-            for _ in range(warmup):
-                trainer.train_step()
-            trainer.p.mesh.ledger.reset()
-            times, cpu = [], []
-            for _ in range(steps):
-                start, start_cpu = time.perf_counter(), time.process_time()
-                trainer.train_step()
-                times.append(time.perf_counter() - start)
-                cpu.append(time.process_time() - start_cpu)  # this rank's CPU: robust to other jobs' load
-            ledger = trainer.p.mesh.ledger.snapshot()
+            times, cpu, ledger = _timed_steps(trainer, steps, warmup)
             info = _model_info(trainer)
             trainer.p.mesh.close()
         tokens = cfg.train.global_batch * cfg.train.seq_len
