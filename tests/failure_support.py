@@ -84,6 +84,19 @@ class Run:
         return self.proc.returncode, [line for line in lines if line and not line.startswith(DRILL_LINES)]
 
 
+def wait_until_catching(pid: int, signum: int, timeout: float = 60.0) -> None:
+    """Until the process has a handler for `signum` (its SigCgt mask in /proc): a signal sent earlier, while a
+    loaded machine is still starting the interpreter, would end it with the default action instead."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/status") as f:
+            caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+        if caught & (1 << (signum - 1)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} installed no handler for signal {signum} within {timeout:g} s")
+
+
 def assert_clean_end(run: Run, status: int, expected: str, tmp_empty: bool = True) -> str:
     """The exit status, one stderr line containing `expected`, no process left, nothing left in TMPDIR."""
     code, lines = run.finish()

@@ -17,6 +17,7 @@ from tests.failure_support import (
     assert_failed_run_dir,
     assert_no_run_dir,
     session_members,
+    wait_until_catching,
     workers,
 )
 
@@ -45,7 +46,8 @@ def test_sigterm_without_checkpointing_says_so(tmp_path):
 def test_sigterm_during_start_up_leaves_no_run_dir(tmp_path):
     run_dir = tmp_path / "run"
     run = Run(tmp_path, [*TINY, "--set", f"run_dir={run_dir}"])
-    time.sleep(2.0)  # checks done or under way; no step yet
+    wait_until_catching(run.proc.pid, signal.SIGTERM)  # meshweave's own handler is in place
+    time.sleep(1.0)  # checks done or under way; no step yet
     run.proc.send_signal(signal.SIGTERM)
     assert_clean_end(run, 143, "meshweave: interrupted before training started; nothing was saved")
     assert_no_run_dir(run_dir)

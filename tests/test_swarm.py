@@ -173,22 +173,26 @@ def test_a_starved_stage_gains_a_peer_and_the_weights_stay_exact(tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_peer_restarted_with_the_same_command_rejoins(tmp_path):
-    steps = 30
+    steps = 40
     ref = reference(layers=2, steps=steps)
     swarm = SeparateSwarm(tmp_path, swarm_config(tmp_path, steps))
-    paced = "slow:seconds=0.25"  # ~1 s per step, so that the run is still going when the restarted peer is up
+    paced = "slow:seconds=0.5"  # ~2 s per step, so that the run is still going when the restarted peers are up
     try:
         swarm.start_coordinator()
         victim = swarm.start_peer(MESHWEAVE_SWARM_FAULT="kill:point=forward:step=3")
         for _ in range(3):
             swarm.start_peer(MESHWEAVE_SWARM_FAULT=paced)
         assert victim.wait(timeout=120) == -9
-        swarm.start_peer(MESHWEAVE_SWARM_FAULT=paced)  # the same command again
+        # the same command again, twice at once: one is killed while it receives its stage's state, one stays
+        doomed = swarm.start_peer(MESHWEAVE_SWARM_FAULT="kill:point=join:step=any")
+        swarm.start_peer(MESHWEAVE_SWARM_FAULT=paced)
+        assert doomed.wait(timeout=180) == -9, swarm.output()[-3000:]
         run = swarm.finish()
     finally:
         swarm.kill_all()
     assert run.returncode == 0, run.output[-4000:]
-    assert run.ledger[-1]["joins"] == 1 and run.ledger[-1]["failures"] == 1
+    assert "injected kill at join" in run.output
+    assert run.ledger[-1]["joins"] == 2 and run.ledger[-1]["failures"] == 2, run.output[-3000:]
     assert "joins stage" in run.output
     assert_exactly_once(run, steps, stages=2)
     assert_matches_reference(run, ref)  # includes: the rejoined peer equals its stage's other peer bitwise

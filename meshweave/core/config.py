@@ -123,7 +123,10 @@ def _declared_range(tp: Any) -> Range | None:
 
 
 def _range_problem(value: Any, declared: Range | None) -> str | None:
-    """What is wrong with a numeric value (None when fine or not a number)."""
+    """What is wrong with a numeric value, or with one number of a list (None when fine or not a number)."""
+    if isinstance(value, list):
+        return next((f"holds {item!r}, which {problem}" for item in value
+                     if (problem := _range_problem(item, declared)) is not None), None)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     allowed = declared.describe() if declared is not None else "a finite number"

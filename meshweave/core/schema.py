@@ -211,7 +211,7 @@ class FaultToleranceConfig:
 
     mode: Literal["off", "swarm"] = "off"
     stages: AtLeast1 = 2  # pipeline stages; the model's layers are split evenly
-    peers: list[int] = field(default_factory=lambda: [2, 2])  # local runs: peers started per stage
+    peers: Annotated[list[int], Range(ge=1)] = field(default_factory=lambda: [2, 2])  # local runs: peers per stage
     microbatches: AtLeast1OrAuto = 0  # per step; 0 = one per sequence of train.global_batch
     coordinator: str = "127.0.0.1:29470"  # host:port the coordinator listens on and peers connect to
     heartbeat_s: Positive = 0.5  # how often a peer says it is alive

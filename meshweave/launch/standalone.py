@@ -22,11 +22,13 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from meshweave.core.schema import Config
 from meshweave.launch.env import free_port
@@ -59,6 +61,7 @@ def run_standalone(cfg: Config, nproc: int) -> int:
     import meshweave.launch.worker  # noqa: F401 - what the workers run
 
     status, created, workdir = EXIT_RUNTIME, None, None
+    sys.unraisablehook = _ignore_rendezvous_thread_join
     try:
         with _quiet_torch_elastic(), _signals_raise():
             try:
@@ -196,6 +199,18 @@ def _quiet_torch_elastic() -> Iterator[None]:
         for logger, propagate, sink in saved:
             logger.removeHandler(sink)
             logger.propagate = propagate
+
+
+def _ignore_rendezvous_thread_join(unraisable: Any) -> None:
+    """torch elastic's rendezvous keep-alive thread is stopped by a weakref finalizer; when the garbage
+    collector runs that finalizer on the keep-alive thread itself it fails ("cannot join current thread")
+    and Python prints the ignored exception after our one line. Only that one is dropped."""
+    err, tb = unraisable.exc_value, unraisable.exc_traceback
+    frames = traceback.extract_tb(tb) if tb is not None else []
+    if (isinstance(err, RuntimeError) and "cannot join current thread" in str(err)
+            and any(f.filename.endswith("elastic/rendezvous/utils.py") for f in frames)):
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 @contextmanager

@@ -1,7 +1,8 @@
 """Fault injection for SWARM drills: kill or slow a peer at a named point.
 
 MESHWEAVE_SWARM_FAULT="kill:point=P:step=S[:attempt=A][:index=I]" SIGKILLs this peer when it reaches
-point P of step S (attempt A, default 0); P is one of forward, backward, allreduce, commit, join.
+point P of step S (attempt A, default 0; step=any: whichever step it first reaches P in); P is one of
+forward, backward, allreduce, commit, join.
 "slow:factor=F[:seconds=X][:index=I]" makes every microbatch's compute take F times as long, plus X
 seconds (a sleep).
 `index` matches MESHWEAVE_SWARM_INDEX, which the local launcher sets per peer (0, 1, ...), so one
@@ -29,6 +30,8 @@ def _fault() -> tuple[str, dict[str, str]] | None:
         raise ValueError(f"{ENV}: unknown fault {kind!r}; expected kill:point=P:step=S or slow:factor=F")
     if kind == "kill" and values.get("point") not in POINTS:
         raise ValueError(f"{ENV}: point must be one of {', '.join(POINTS)}")
+    if kind == "kill" and values.get("step", "0") != "any" and not values.get("step", "0").isdigit():
+        raise ValueError(f"{ENV}: step must be a step number or any")
     if "index" in values and values["index"] != os.environ.get(INDEX_ENV):
         return None
     return kind, values
@@ -40,7 +43,8 @@ def maybe_kill(point: str, step: int, attempt: int) -> None:
     if fault is None or fault[0] != "kill":
         return
     values = fault[1]
-    if values["point"] == point and int(values.get("step", 0)) == step and int(values.get("attempt", 0)) == attempt:
+    step_matches = values.get("step") == "any" or int(values.get("step", 0)) == step
+    if values["point"] == point and step_matches and int(values.get("attempt", 0)) == attempt:
         print(f"meshweave swarm: injected kill at {point} of step {step}", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
