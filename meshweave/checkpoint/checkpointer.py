@@ -20,15 +20,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from meshweave.checkpoint import loader
+from meshweave.checkpoint import loader, node_local
 from meshweave.checkpoint.comms import CheckpointComms
 from meshweave.checkpoint.crash import maybe_crash
 from meshweave.checkpoint.disk_writer import DiskWriterProcess, SharedBuffers
 from meshweave.checkpoint.entries import EntryKinds, capture
 from meshweave.checkpoint.settings import CheckpointSettings, validate_checkpoint_settings
 from meshweave.checkpoint.staging import CopyHook, HostSnapshot
-from meshweave.checkpoint.state import Stateful
+from meshweave.checkpoint.state import Stateful, split_tensors
 from meshweave.checkpoint.writer import LevelWriter, SavePayload
+from meshweave.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ class Checkpointer:
         self._inflight: Future | None = None
         self._memory: SavePayload | None = None  # the "memory" level: last fully copied snapshot
         self._disabled = False
+        if cfg.enabled and self.comms.distributed:
+            self._require_shared_dirs()
 
     # --- trainer interface ---------------------------------------------------------------
     def load_latest(self, app_state: dict[str, Stateful]) -> int | None:
@@ -89,7 +92,8 @@ class Checkpointer:
             return None
         self._finish_inflight()
         memory_step = self._memory.step if self._memory is not None else None
-        choice = loader.choose(self.comms, self.cfg, memory_step)
+        own_copy = node_local.info(self.rank, self.world_size, split_tensors(self.kinds.dcp_flat(app_state))[0])
+        choice = loader.choose(self.comms, self.cfg, memory_step, own_copy)
         if choice is None:
             log.info("no complete checkpoint found under %s: starting from scratch", self.cfg.dir)
             return None
@@ -97,6 +101,8 @@ class Checkpointer:
             assert self._memory is not None
             replicated = self.comms.broadcast_json(self._memory.replicated_plain if self.rank == 0 else None)
             loader.load_from_memory(self.kinds, self._memory, replicated, app_state)
+        elif choice.own:
+            loader.load_own_copy(self.kinds, choice.path, app_state)
         else:
             loader.load_from_dir(self.comms, self.kinds, choice.path, app_state)
         log.info("resumed from checkpoint step %d (%s %s)", choice.step, choice.level, choice.path)
@@ -142,6 +148,17 @@ class Checkpointer:
                 self.snapshot = HostSnapshot(self.disk.buffers.allocate)
 
     # --- internals -----------------------------------------------------------------------
+    def _require_shared_dirs(self) -> None:
+        """ConfigError on every rank when a level that must be shared is not (ranks would write disjoint halves)."""
+        for level in loader.shared_levels(self.cfg):
+            directory = self.cfg.level_dir(level)
+            blind = node_local.ranks_not_seeing(self.comms, directory)
+            if blind:
+                fix = ("set checkpoint.node_local: true (with a persistent_dir on shared storage to resume elsewhere)"
+                       if level == "local" else "point checkpoint.persistent_dir at storage every node mounts")
+                raise ConfigError(f"checkpoint: the {level} level's directory {directory} is not shared by all ranks "
+                                  f"(rank(s) {blind} do not see rank 0's files there); {fix}")
+
     def _due(self, step: int, final_step: bool) -> bool:
         if not self.cfg.enabled:
             return False
@@ -149,7 +166,8 @@ class Checkpointer:
         return periodic or final_step or step == self.final_step
 
     def _start(self, step: int, app_state: dict[str, Stateful]) -> None:
-        tensors, payload = capture(self.kinds, step, app_state, self.rank)
+        # a node-local copy is loaded alone, so every rank keeps the replicated state in it
+        tensors, payload = capture(self.kinds, step, app_state, self.rank, replicated_everywhere=self.cfg.node_local)
         self._memory = None  # the host buffers are about to be overwritten
         self.snapshot.begin(tensors)
         self.stats.started += 1
@@ -171,7 +189,11 @@ class Checkpointer:
         committed = None
         for level in self.cfg.disk_levels():
             level_dir = self.cfg.level_dir(level)
-            if committed is None:
+            if level == node_local.LEVEL and self.cfg.node_local:
+                # each rank's own copy; not a checkpoint another level can copy, so the next one is written anew
+                self.writer.write_own_copy(level, str(node_local.rank_dir(level_dir, self.rank)), node_local.rank_payload(payload),
+                                           {node_local.INFO: node_local.info(self.rank, self.world_size, payload.tensors)})
+            elif committed is None:
                 committed = self.writer.write_dcp(level, level_dir, payload)
             else:
                 committed = self.writer.promote(level, committed, level_dir, step)

@@ -45,11 +45,12 @@ class EntryKinds:
         return replicated, per_rank
 
 
-def capture(kinds: EntryKinds, step: int, app_state: dict[str, Stateful], rank: int
+def capture(kinds: EntryKinds, step: int, app_state: dict[str, Stateful], rank: int, replicated_everywhere: bool = False
             ) -> tuple[dict[str, torch.Tensor], SavePayload]:
     """Snapshot the small state now and collect references to the tensors to copy lazily.
 
-    Returns (live tensor leaves, payload whose `tensors` is still empty).
+    Returns (live tensor leaves, payload whose `tensors` is still empty). The replicated state is
+    captured on rank 0 only, unless `replicated_everywhere` (each rank writes a whole copy of its own).
     """
     tensors, plain = split_tensors(kinds.dcp_flat(app_state))
     replicated, per_rank = kinds.plain_keys(app_state)
@@ -57,7 +58,7 @@ def capture(kinds: EntryKinds, step: int, app_state: dict[str, Stateful], rank: 
         step=step,
         tensors={},
         per_rank_plain={"rank": rank, "entries": {k: codec.encode(app_state[k].state_dict()) for k in per_rank}},
-        replicated_plain={"entries": {k: codec.encode(app_state[k].state_dict()) for k in replicated}} if rank == 0 else {},
+        replicated_plain={"entries": {k: codec.encode(app_state[k].state_dict()) for k in replicated}} if rank == 0 or replicated_everywhere else {},
         sharded_plain={k: codec.encode(v) for k, v in plain.items()},
     )
     return tensors, payload

@@ -6,8 +6,10 @@ candidates and broadcasts them; every rank verifies a strided share of each cand
 its manifest (sizes and CRC32 checksums, read streaming, then contents: see `contents`) and the problem
 counts are summed, so all ranks take the same decision: every file a load reads has been checked by some
 rank first. `checkpoint.verify: false` skips the checksums (sizes and the small JSON files' contents are
-still checked), for storage that checks itself or checkpoints too large to read twice. A candidate with any problem is skipped with a warning naming
-the bad files. Loading reads DCP's files through `storage.SafeFileSystemReader`: nothing is unpickled.
+still checked), for storage that checks itself or checkpoints too large to read twice. A candidate with
+any problem is skipped with a warning naming the bad files. With `checkpoint.node_local`, the local level's
+candidates are the steps every rank holds a fitting copy of (see `node_local`); each rank verifies its
+own copy whole. Loading reads DCP's files through `storage.SafeFileSystemReader`: nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from meshweave.checkpoint import contents, layout
+from meshweave.checkpoint import contents, layout, node_local
 from meshweave.checkpoint.comms import CheckpointComms
 from meshweave.checkpoint.entries import CheckpointLoadError, EntryKinds, copy_into, restore
 from meshweave.checkpoint.settings import CheckpointSettings
@@ -41,15 +43,33 @@ class CheckpointFallbackWarning(UserWarning):
 class Candidate:
     step: int
     level: str
-    path: str  # empty for the memory level
+    path: str  # empty for the memory level; for a rank's own copy, this rank's directory
+    own: bool = False  # a rank's own copy of the node-local level (see node_local)
+
+
+def shared_levels(cfg: CheckpointSettings) -> list[str]:
+    """The disk levels every rank sees (all of them, but a node-local `local` level)."""
+    return [lvl for lvl in cfg.disk_levels() if not (cfg.node_local and lvl == node_local.LEVEL)]
 
 
 def disk_candidates(cfg: CheckpointSettings) -> list[Candidate]:
-    """Committed checkpoints of every disk level, newest first; for one step, levels in flush order."""
+    """Committed checkpoints of the shared disk levels, newest first; for one step, levels in flush order."""
     found = [Candidate(step, level, str(Path(cfg.level_dir(level)) / layout.step_dirname(step)))
-             for level in cfg.disk_levels() for step in layout.committed_steps(cfg.level_dir(level))]
+             for level in shared_levels(cfg) for step in layout.committed_steps(cfg.level_dir(level))]
+    return _newest_first(cfg, found)
+
+
+def _newest_first(cfg: CheckpointSettings, found: list[Candidate]) -> list[Candidate]:
     order = {lvl: i for i, lvl in enumerate(cfg.disk_levels())}
     return sorted(found, key=lambda c: (-c.step, order[c.level]))
+
+
+def own_copy_candidates(comms: CheckpointComms, cfg: CheckpointSettings, expect: dict[str, Any]) -> list[Candidate]:
+    """The node-local steps every rank holds a copy of that fits `expect` (node_local.info); collective."""
+    node_dir = cfg.level_dir(node_local.LEVEL)
+    steps = node_local.agreed_steps(comms, node_local.fitting_steps(node_dir, expect))
+    return [Candidate(step, node_local.LEVEL, str(node_local.rank_dir(node_dir, comms.rank) / layout.step_dirname(step)),
+                      own=True) for step in steps]
 
 
 def verify_share(path: str, rank: int, world_size: int, checksums: bool = True) -> list[str]:
@@ -65,16 +85,20 @@ def verify_share(path: str, rank: int, world_size: int, checksums: bool = True) 
     return problems + contents.verify(path, manifest, names, checksums)
 
 
-def choose(comms: CheckpointComms, cfg: CheckpointSettings, memory_step: int | None) -> Candidate | None:
-    """The newest complete and verified checkpoint, the same on every rank (None if there is none)."""
+def choose(comms: CheckpointComms, cfg: CheckpointSettings, memory_step: int | None,
+           own_copy: dict[str, Any] | None = None) -> Candidate | None:
+    """The newest complete and verified checkpoint, the same step and level on every rank (None if there is
+    none). own_copy: what this rank's node-local copies must match (node_local.info), with checkpoint.node_local."""
     mine = -1 if memory_step is None else memory_step
     lo, hi = comms.all_reduce_int(mine, "min"), comms.all_reduce_int(mine, "max")
     memory = Candidate(lo, MEMORY, "") if lo == hi and lo >= 0 else None
     listed = comms.broadcast_json([c.__dict__ for c in disk_candidates(cfg)] if comms.rank == 0 else None)
-    for cand in (Candidate(**c) for c in listed):
+    own = own_copy_candidates(comms, cfg, own_copy) if cfg.node_local and own_copy is not None else []
+    for cand in _newest_first(cfg, [Candidate(**c) for c in listed] + own):
         if memory is not None and memory.step >= cand.step:
             return memory
-        problems = verify_share(cand.path, comms.rank, comms.world_size, checksums=cfg.verify)
+        rank, world_size = (0, 1) if cand.own else (comms.rank, comms.world_size)  # a copy: its rank checks it all
+        problems = verify_share(cand.path, rank, world_size, checksums=cfg.verify)
         for p in problems:
             log.warning("checkpoint verification: %s", p)
         total = comms.all_reduce_int(len(problems))
@@ -96,11 +120,22 @@ def _warn_fallback(rank: int, cand: Candidate, total: int, problems: list[str]) 
 
 def load_from_dir(comms: CheckpointComms, kinds: EntryKinds, path: str, app_state: dict[str, Stateful]) -> None:
     """Load a verified checkpoint directory into app_state in place (DCP reshards the tensors)."""
+    _load(comms, kinds, path, app_state, own_copy=False)
+
+
+def load_own_copy(kinds: EntryKinds, path: str, app_state: dict[str, Stateful]) -> None:
+    """Load this rank's verified node-local copy (same layout: each local shard from its own saved shard)."""
+    _load(CheckpointComms(None, 0, 1), kinds, path, app_state, own_copy=True)
+
+
+def _load(comms: CheckpointComms, kinds: EntryKinds, path: str, app_state: dict[str, Stateful], own_copy: bool) -> None:
     manifest = layout.read_manifest(path)
     flat = kinds.dcp_flat(app_state)
     tensors, _ = split_tensors(flat)
+    # a copy holds local shards: it loads into the DTensors' local tensors (views), one process alone
+    targets = {k: node_local.local_tensor(t) for k, t in tensors.items()} if own_copy else tensors
     try:
-        dcp.load(tensors, storage_reader=SafeFileSystemReader(path), process_group=comms.pg, no_dist=not comms.distributed)
+        dcp.load(targets, storage_reader=SafeFileSystemReader(path), process_group=comms.pg, no_dist=not comms.distributed)
     except (Exception, CheckpointException) as err:  # noqa: BLE001 - DCP raises it on every rank alike
         cause = [line for line in str(err).splitlines() if line.strip()][-1]
         raise CheckpointLoadError(f"checkpoint {path} is intact but does not fit the state being restored "

@@ -36,6 +36,10 @@ def validate_checkpoint_settings(s: CheckpointSettings) -> list[str]:
         problems.append(f"checkpoint.writer: got {s.writer!r}; use one of {', '.join(WRITERS)}")
     elif s.writer == "process" and s.mode != "lazy":
         problems.append("checkpoint.writer: 'process' needs checkpoint.mode: lazy (sync mode writes in the training process)")
+    if not isinstance(s.node_local, bool):
+        problems.append(f"checkpoint.node_local: got {s.node_local!r}; use true (the local level is per node) or false")
+    elif s.node_local and "local" not in (s.levels if isinstance(s.levels, (list, tuple)) else []):
+        problems.append("checkpoint.node_local: true needs 'local' in checkpoint.levels (it says where the local level lives)")
     problems += _level_problems(s)
     return problems
 

@@ -115,8 +115,9 @@ class LevelWriter:
         self.rank, self.world_size = comms.rank, comms.world_size
 
     # --- first disk level: DCP ---------------------------------------------------------
-    def write_dcp(self, level: str, level_dir: str, payload: SavePayload) -> Path:
+    def write_dcp(self, level: str, level_dir: str, payload: SavePayload, extra_json: dict[str, Any] | None = None) -> Path:
         """Write `payload` as a committed checkpoint in `level_dir`; return the committed directory.
+        `extra_json`: more files ({name: JSON-able}) that rank 0 writes into it, listed in the manifest.
 
         Every local part (directories, JSON files, checksums, rank 0's commit) ends in an agreement on
         its outcome, so a part that fails on some ranks fails the save on all of them at the same point
@@ -143,9 +144,18 @@ class LevelWriter:
                 files = _merge_files(gathered)
                 replicated = dict(payload.replicated_plain, sharded_plain=_merge_plain(gathered))
                 files[layout.REPLICATED_PLAIN] = _write_json(tmp, layout.REPLICATED_PLAIN, replicated)
+                files.update({name: _write_json(tmp, name, obj, rank=0) for name, obj in (extra_json or {}).items()})
                 files.update(_describe_unclaimed(tmp, files))
                 self._commit(level, level_dir, tmp, final, step, files)
         return final
+
+    def write_own_copy(self, level: str, level_dir: str, payload: SavePayload, extra_json: dict[str, Any]) -> Path:
+        """Write this rank's payload alone, as a one-process checkpoint in `level_dir` (the node-local level,
+        see `node_local`); the outcome is agreed over the group like every other part of a save."""
+        alone = LevelWriter(CheckpointComms(None, 0, 1), self.keep, self.disk)
+        with self._agreed(payload.step, f"writing rank {self.rank}'s own copy in {level_dir}"):
+            committed = alone.write_dcp(level, level_dir, payload, extra_json)
+        return committed
 
     # --- further disk levels: copy a committed checkpoint ------------------------------
     def promote(self, level: str, src_dir: Path, level_dir: str, step: int) -> Path:
@@ -232,7 +242,7 @@ def _outcome(err: BaseException | None) -> dict | None:
             "filename": None if not is_os or err.filename is None else os.fsdecode(err.filename)}
 
 
-def _write_json(ckpt_dir: Path, name: str, obj: Any) -> dict:
+def _write_json(ckpt_dir: Path, name: str, obj: Any, rank: int | None = None) -> dict:
     import json
 
     path = ckpt_dir / name
@@ -241,7 +251,9 @@ def _write_json(ckpt_dir: Path, name: str, obj: Any) -> dict:
         json.dump(obj, f, separators=(",", ":"))
         f.flush()
         os.fsync(f.fileno())
-    return _describe(path, rank=0 if name == layout.REPLICATED_PLAIN else _rank_of(name))
+    if rank is None:
+        rank = 0 if name == layout.REPLICATED_PLAIN else _rank_of(name)
+    return _describe(path, rank)
 
 
 def _rank_of(name: str) -> int:

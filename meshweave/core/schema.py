@@ -7,6 +7,9 @@ is rejected with a did-you-mean hint by `meshweave.core.config`.
 from __future__ import annotations
 
 import math
+import os
+import re
+import socket
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, get_args
 
@@ -160,9 +163,13 @@ class DataConfig:
 class CheckpointConfig:
     """Where, how often and how checkpoints are written (the one definition; checkpoint/ validates it).
 
-    dir: the local checkpoint directory; None turns checkpointing off. Every rank that loads must
-        see the same files (one node, or a path on shared storage): DCP reads other ranks' shards
-        when it reshards.
+    dir: the local checkpoint directory; None turns checkpointing off. Without node_local, every
+        rank must see the same files (one node, or a path on shared storage): DCP reads other ranks'
+        shards when it reshards.
+    node_local: the local level is on each node's own disk (`dir` may differ per node, e.g.
+        `$SLURM_TMPDIR/ckpt`): each rank writes and reads back only its own shard, so it resumes
+        only on the same ranks and layout; anything else resumes from the persistent level.
+    Directories expand environment variables ($VAR, ${VAR}) in each process.
     """
 
     dir: str | None = None  # None disables checkpointing
@@ -174,6 +181,7 @@ class CheckpointConfig:
     resume: bool = True  # resume from the newest complete checkpoint in dir
     verify: bool = True  # check every file a resume reads against the manifest's checksums (false: skip)
     writer: Literal["thread", "process"] = "thread"  # lazy mode: disk writes in a background thread or a writer process
+    node_local: bool = False  # the local level is per node, not shared (see the class docstring)
 
     @property
     def enabled(self) -> bool:
@@ -184,12 +192,25 @@ class CheckpointConfig:
         return [lvl for lvl in self.levels if lvl != "memory"]
 
     def level_dir(self, level: str) -> str:
-        """The directory of a disk level."""
+        """The directory of a disk level, with environment variables expanded in this process."""
         if level == "local" and self.dir is not None:
-            return self.dir
+            return _expand(self.dir, "checkpoint.dir")
         if level == "persistent" and self.persistent_dir is not None:
-            return self.persistent_dir
+            return _expand(self.persistent_dir, "checkpoint.persistent_dir")
         raise ValueError(f"checkpoint level {level!r} has no directory")
+
+
+class UnsetDirectoryVariable(ValueError):
+    """A checkpoint directory names an environment variable this process does not have."""
+
+
+def _expand(path: str, field_name: str) -> str:
+    expanded = os.path.expanduser(os.path.expandvars(path))
+    unset = re.findall(r"\$\{?(\w+)", expanded)
+    if unset:
+        raise UnsetDirectoryVariable(f"{field_name}: {path!r} uses ${unset[0]}, which is not set in this process's "
+                                     f"environment (on node {socket.gethostname()})")
+    return expanded
 
 
 @dataclass

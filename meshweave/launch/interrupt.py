@@ -168,4 +168,8 @@ def checkpoint_dir(settings: Any, step: int) -> str:
     """The directory of step `step` on the first disk level (where a resume looks first)."""
     from meshweave.checkpoint import layout
 
-    return str(Path(settings.level_dir(settings.disk_levels()[0])) / layout.step_dirname(step))
+    first = settings.disk_levels()[0]
+    where = Path(settings.level_dir(first))
+    if settings.node_local and first == "local":
+        where = where / "rank_*"  # each rank's own copy, on its node
+    return str(where / layout.step_dirname(step))

@@ -22,7 +22,7 @@ from pathlib import Path
 from meshweave.core.config import _short
 from meshweave.core.dims import ParallelDims
 from meshweave.core.errors import ConfigError
-from meshweave.core.schema import Config
+from meshweave.core.schema import Config, UnsetDirectoryVariable
 from meshweave.launch.plan import GIB, worst_memory
 
 PROCESS_BYTES = 400 * 2**20  # a rank's own footprint before any tensor (interpreter, torch, gloo), measured ~350 MiB
@@ -168,7 +168,12 @@ def _newest_checkpoint(cfg: Config) -> str | None:
 
     c, found = cfg.checkpoint, []
     for level in c.disk_levels():
-        directory = c.level_dir(level)
+        if c.node_local and level == "local":
+            continue  # each node's own copies: the ranks check them where they run
+        try:
+            directory = c.level_dir(level)
+        except UnsetDirectoryVariable:
+            continue  # a variable of the nodes (e.g. $SLURM_TMPDIR): the ranks report it if it is unset there
         if Path(directory).is_dir():
             found += [i for i in list_checkpoints(directory) if i.status == "committed"]
     return max(found, key=lambda i: i.step).path if found else None

@@ -1,0 +1,117 @@
+"""The node-local `local` level (`checkpoint.node_local: true`): each rank's own state on its node's disk.
+
+    <checkpoint.dir as this node sees it>/
+      rank_00002/                one rank's checkpoints, in the standard layout (see `layout`)
+        step_000000010/          a one-process DCP checkpoint of this rank's local shards (plain tensors),
+          node_local.json        its plain state and the replicated state, and the layout that wrote it
+        latest
+
+Why per rank rather than one DCP checkpoint per node: DCP writes each replicated tensor once, by any one
+rank, and its metadata on rank 0's node only, so a node could not load its share from its own disk. A
+rank that keeps its whole local state reads it back without any other node's files. Such a copy only
+fits the same layout (world size, and each tensor's local and global shape and placement: the
+fingerprint); any other restart resumes from the persistent level, which DCP reshards. Ranks commit
+their copies independently, so a step is a candidate only when every rank has committed it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from meshweave.checkpoint import layout
+from meshweave.checkpoint.comms import CheckpointComms
+
+if TYPE_CHECKING:
+    from meshweave.checkpoint.writer import SavePayload
+
+log = logging.getLogger(__name__)
+LEVEL = "local"
+INFO = "node_local.json"  # {"rank", "world_size", "fingerprint"}
+
+
+def rank_dir(node_dir: str, rank: int) -> Path:
+    return Path(node_dir) / f"rank_{rank:05d}"
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view: loading into it fills the DTensor); other tensors as they are."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """What a rank's local copy must match to be loaded: every key's dtype, local and global shape, placement."""
+    rows = []
+    for key in sorted(tensors):
+        t = tensors[key]
+        placed = [str(p) for p in t.placements] if isinstance(t, DTensor) else None
+        rows.append([key, str(t.dtype), list(local_tensor(t).shape), list(t.shape), placed])
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
+def info(rank: int, world_size: int, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    return {"rank": rank, "world_size": world_size, "fingerprint": fingerprint(tensors)}
+
+
+def rank_payload(payload: SavePayload) -> SavePayload:
+    """This rank's part of a checkpoint as a one-process checkpoint: local shards, and its own plain state."""
+    return dataclasses.replace(payload, tensors={k: local_tensor(t) for k, t in payload.tensors.items()})
+
+
+def fitting_steps(node_dir: str, expect: dict[str, Any]) -> list[int]:
+    """Committed steps of this rank's copies (newest first) written by the same rank, world size and layout."""
+    directory = rank_dir(node_dir, expect["rank"])
+    steps = []
+    for step in layout.committed_steps(directory):
+        try:
+            written = json.loads((directory / layout.step_dirname(step) / INFO).read_text())
+        except (OSError, ValueError):
+            continue  # unreadable: not a candidate (verification would reject it anyway)
+        if written == expect:
+            steps.append(step)
+    return steps
+
+
+def agreed_steps(comms: CheckpointComms, mine: list[int]) -> list[int]:
+    """The steps every rank holds a fitting copy of, newest first (the same list on every rank)."""
+    every = comms.all_gather_json(mine)
+    common = set(every[0]).intersection(*every[1:])
+    short = [rank for rank, steps in enumerate(every) if set(steps) != common]
+    if comms.rank == 0 and short and any(every):
+        newest = {rank: (max(steps) if steps else None) for rank, steps in enumerate(every)}
+        log.warning("node-local checkpoints: the ranks hold different steps (newest per rank: %s); only steps every rank "
+                    "holds count (%s)", newest, sorted(common, reverse=True) or "none: the persistent level decides")
+    return sorted(common, reverse=True)
+
+
+def ranks_not_seeing(comms: CheckpointComms, directory: str) -> list[int]:
+    """The ranks that do not see a file rank 0 just wrote in `directory` (empty: it is shared). Collective."""
+    token = comms.broadcast_json(secrets.token_hex(8) if comms.rank == 0 else None)
+    probe = Path(directory) / f".meshweave-shared-probe-{token}"
+    written = None
+    if comms.rank == 0:
+        try:
+            os.makedirs(directory, exist_ok=True)
+            probe.write_text(token)
+            written = True
+        except OSError:
+            written = False  # not this check's business: the first save reports it, naming the rank
+    if not comms.broadcast_json(written):  # after rank 0's write: also the barrier before the reads
+        return []
+    try:
+        seen = probe.read_text() == token
+    except OSError:
+        seen = False
+    blind = [rank for rank, ok in enumerate(comms.all_gather_json(seen)) if not ok]
+    if comms.rank == 0:
+        probe.unlink(missing_ok=True)
+    return blind
