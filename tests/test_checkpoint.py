@@ -224,6 +224,7 @@ def test_no_checkpoint_gives_none_and_resume_off_skips_loading(tmp_path):
     ({"levels": ["local", "memory"]}, "out of order"),
     ({"levels": ["memory"]}, "'memory' alone"),
     ({"levels": ["disk"]}, "unknown level"),
+    ({"node_local": True, "levels": ["persistent"], "persistent_dir": "p"}, "checkpoint.node_local: true needs 'local'"),
 ])
 def test_settings_validation_names_field_and_fix(kw, field):
     problems = validate_checkpoint_settings(CheckpointSettings(dir="x", **kw))
