@@ -27,7 +27,7 @@ from meshweave.checkpoint.disk_writer import DiskWriterProcess, SharedBuffers
 from meshweave.checkpoint.entries import EntryKinds, capture
 from meshweave.checkpoint.settings import CheckpointSettings, validate_checkpoint_settings
 from meshweave.checkpoint.staging import CopyHook, HostSnapshot
-from meshweave.checkpoint.state import Stateful, split_tensors
+from meshweave.checkpoint.state import Stateful
 from meshweave.checkpoint.writer import LevelWriter, SavePayload
 from meshweave.core.errors import ConfigError
 
@@ -78,6 +78,7 @@ class Checkpointer:
         self._inflight: Future | None = None
         self._memory: SavePayload | None = None  # the "memory" level: last fully copied snapshot
         self._disabled = False
+        self.resumed_from: str | None = None  # "<level> level, <directory>" of the checkpoint load_latest loaded
         if cfg.enabled and self.comms.distributed:
             self._require_shared_dirs()
 
@@ -92,7 +93,8 @@ class Checkpointer:
             return None
         self._finish_inflight()
         memory_step = self._memory.step if self._memory is not None else None
-        own_copy = node_local.info(self.rank, self.world_size, split_tensors(self.kinds.dcp_flat(app_state))[0])
+        own_copy = node_local.info(self.rank, self.world_size, node_local.layout_tensors(self.kinds, app_state)) \
+            if self.cfg.node_local else None
         choice = loader.choose(self.comms, self.cfg, memory_step, own_copy)
         if choice is None:
             log.info("no complete checkpoint found under %s: starting from scratch", self.cfg.dir)
@@ -105,7 +107,8 @@ class Checkpointer:
             loader.load_own_copy(self.kinds, choice.path, app_state)
         else:
             loader.load_from_dir(self.comms, self.kinds, choice.path, app_state)
-        log.info("resumed from checkpoint step %d (%s %s)", choice.step, choice.level, choice.path)
+        self.resumed_from = f"{choice.level} level" + (f", {choice.path}" if choice.path else "")
+        log.info("resumed from checkpoint step %d (%s)", choice.step, self.resumed_from)
         return choice.step
 
     def before_optimizer_step(self) -> None:

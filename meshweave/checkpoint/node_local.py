@@ -30,13 +30,16 @@ from torch.distributed.tensor import DTensor
 
 from meshweave.checkpoint import layout
 from meshweave.checkpoint.comms import CheckpointComms
+from meshweave.checkpoint.state import Stateful, flatten, split_tensors
 
 if TYPE_CHECKING:
+    from meshweave.checkpoint.entries import EntryKinds
     from meshweave.checkpoint.writer import SavePayload
 
 log = logging.getLogger(__name__)
 LEVEL = "local"
 INFO = "node_local.json"  # {"rank", "world_size", "fingerprint"}
+UNREAD_KEYS = ("optimizer",)  # app_state entries left out of the fingerprint (see layout_tensors)
 
 
 def rank_dir(node_dir: str, rank: int) -> Path:
@@ -48,10 +51,18 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def layout_tensors(kinds: EntryKinds, app_state: dict[str, Stateful]) -> dict[str, torch.Tensor]:
+    """The tensors whose layout a copy must match, read without side effects: the optimizer's state follows
+    the model's sharding, and reading it before the first step would initialise it (DCP takes a step)."""
+    entries = {k: app_state[k].state_dict() for k in kinds.dcp_keys if k in app_state and k not in UNREAD_KEYS}
+    return split_tensors(flatten(entries))[0]
+
+
 def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
-    """What a rank's local copy must match to be loaded: every key's dtype, local and global shape, placement."""
+    """What a rank's local copy must match to be loaded: every key's dtype, local and global shape, placement
+    (the keys of `layout_tensors`)."""
     rows = []
-    for key in sorted(tensors):
+    for key in sorted(k for k in tensors if k.split("/", 1)[0] not in UNREAD_KEYS):
         t = tensors[key]
         placed = [str(p) for p in t.placements] if isinstance(t, DTensor) else None
         rows.append([key, str(t.dtype), list(local_tensor(t).shape), list(t.shape), placed])

@@ -82,7 +82,8 @@ class Trainer:
             resumed = ckpt.load_latest(self.p.app_state)
             if resumed is not None:
                 first = self.step
-                self._say(f"resumed from checkpoint at step {resumed}")
+                where = getattr(ckpt, "resumed_from", None)  # the level and directory, where the hooks say it
+                self._say(f"resumed from checkpoint at step {resumed}" + (f" ({where})" if where else ""))
         try:
             while self.step < self.p.cfg.train.steps:
                 self.p.metrics.log(self.train_step(), first_step=first)
