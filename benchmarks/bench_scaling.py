@@ -184,7 +184,7 @@ def main() -> None:
                         help="the earlier dp/tp layout table instead of the weak/strong study ('1' is always added)")
     parser.add_argument("--procs", type=int, nargs="+", default=None,
                         help="study: process counts (default: 1 2 4 up to the cores, at least 1 2)")
-    parser.add_argument("--steps", type=int, default=None, help="study: timed steps per run (default 5, quick 3)")
+    parser.add_argument("--steps", type=int, default=None, help="study: timed steps per run (default 5, quick 2)")
     parser.add_argument("--peak-tflops", type=float, default=model.Cluster.peak_tflops, help="projection: GPU peak")
     parser.add_argument("--mfu", type=float, default=model.Cluster.mfu, help="projection: achieved fraction of peak")
     parser.add_argument("--intra-gbps", type=float, default=model.Cluster.intra_gbps, help="projection: NVLink GB/s")
@@ -493,7 +493,7 @@ def run_study(args: argparse.Namespace) -> None:
     procs = sorted(set(args.procs or default_procs()))
     if 1 not in procs:
         procs = [1, *procs]  # the baseline of every ratio
-    steps = args.steps or (3 if args.quick else 5)
+    steps = args.steps or (2 if args.quick else 5)
     warmup = 1
     base = model.QUICK_MODEL if args.quick else model.FULL_MODEL
     runs, skipped = study_runs(procs, base)
