@@ -93,15 +93,16 @@ class TwoNodes:
                               env=self.env(node), check=False)
 
     def torchrun(self, node: int, nproc: int, rdzv_id: str, train_args: list[str], log: Path,
-                 python: str) -> subprocess.Popen:
-        """Start torchrun on `node` (its own session: kill_node ends it and its workers), output to `log`."""
+                 python: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start torchrun on `node` (its own session: kill_node ends it and its workers), output to `log`;
+        `env`: more variables for this node (e.g. a node-local scratch directory)."""
         cmd = [python, "-m", "torch.distributed.run", "--nnodes", str(len(self.names)), "--nproc-per-node", str(nproc),
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{self.addrs[0]}:{RDZV_PORT}", "--rdzv-id", rdzv_id,
                "--rdzv-conf", f"is_host={int(node == 0)}", "--local-addr", self.addrs[node],
                "-m", "meshweave", "train", *train_args]
         with open(log, "wb") as out:
             proc = subprocess.Popen(self.command(node, cmd), stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=self.env(node), start_new_session=True)
+                                    stdin=subprocess.DEVNULL, env=self.env(node, env), start_new_session=True)
         self._procs.append(proc)
         return proc
 
