@@ -70,6 +70,12 @@ def test_gpu_script_content(capfd):
     assert "2 node(s) x 4 = 8 processes: dp=2 tp=2 pp=2 sp=1" in lines[1]
 
 
+def test_node_local_checkpoints_without_a_persistent_level_get_a_note(capfd):
+    code, out, err = _slurm([*CPU_ARGS, "--set", "checkpoint.dir=$SLURM_TMPDIR/ckpt", "--set", "checkpoint.node_local=true"], capfd)
+    assert code == 0 and "'checkpoint.dir=$SLURM_TMPDIR/ckpt'" in out  # quoted: each node's process expands it
+    assert any("node_local without a persistent level" in line and "persistent_dir" in line for line in err), err
+
+
 def test_script_is_valid_bash_and_written_to_file(capfd, tmp_path):
     path = tmp_path / "job.sbatch"
     code, out, err = _slurm([*CPU_ARGS, "--out", str(path)], capfd)

@@ -71,6 +71,9 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     print(f"meshweave: {layout}", file=sys.stderr)
     if not cfg.checkpoint.dir:
         print("meshweave: note: checkpoint.dir is not set, so a requeued job starts from step 0", file=sys.stderr)
+    elif cfg.checkpoint.node_local and "persistent" not in cfg.checkpoint.levels:
+        print("meshweave: note: checkpoint.node_local without a persistent level: a requeued job that lands on other "
+              "nodes starts from step 0 (add checkpoint.persistent_dir on shared storage)", file=sys.stderr)
     if args.output:
         Path(args.output).mkdir(parents=True, exist_ok=True)  # SLURM does not create it; the job would fail
     if args.out:

@@ -151,7 +151,8 @@ def render(req: SlurmRequest, layout: str) -> str:
 # Written by `meshweave slurm`: {layout}.
 # One torchrun per node (srun --ntasks-per-node=1), c10d rendezvous on the job's first node.
 # Requeued on preemption (--requeue) and before the time limit (SIGUSR1 trap below); `meshweave train`
-# resumes from the newest checkpoint in checkpoint.dir, which must be on storage every node sees.
+# resumes from the newest checkpoint in checkpoint.dir, which must be on storage every node sees (or, with
+# checkpoint.node_local, on each node's disk, e.g. $SLURM_TMPDIR/ckpt, beside a shared persistent_dir).
 {lines}
 set -uo pipefail
 
