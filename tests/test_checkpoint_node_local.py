@@ -30,9 +30,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 SCRATCH = "$NODE_SCRATCH/ckpt"  # expanded in each process: a different directory on each "node"
 
 
-def _node_settings(base: str, **kw):
+def _node_settings(base: str, writer: str):
     return settings(SCRATCH, every_steps=2, levels=["local", "persistent"], persistent_dir=f"{base}/persistent",
-                    node_local=True, **kw)
+                    node_local=True, writer=writer)
 
 
 @contextmanager
@@ -50,29 +50,29 @@ def _setup(seed: int = 0) -> tuple[TinyRun, dist.ProcessGroup]:
     return TinyRun(mesh=mesh, seed=seed), dist.new_group(backend="gloo")
 
 
-def _load(base: str, group: dist.ProcessGroup) -> tuple[int | None, TinyRun, bool]:
+def _load(base: str, group: dist.ProcessGroup, writer: str) -> tuple[int | None, TinyRun, bool]:
     """A fresh model (other seed) resumes; returns the step, the run and whether a fallback warning was raised."""
     run, _ = _setup(seed=99)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ckpt = Checkpointer(_node_settings(base), group, dist.get_rank(), dist.get_world_size())
+        ckpt = Checkpointer(_node_settings(base, writer), group, dist.get_rank(), dist.get_world_size())
         step = ckpt.load_latest(run.app_state)
         ckpt.close()
     return step, run, any(issubclass(w.category, CheckpointFallbackWarning) for w in caught)
 
 
-def _drill(base: str) -> dict:
+def _drill(base: str, writer: str) -> dict:
     with _on_node(base):
-        return _drill_on_node(base)
+        return _drill_on_node(base, writer)
 
 
-def _drill_on_node(base: str) -> dict:
+def _drill_on_node(base: str, writer: str) -> dict:
     rank = dist.get_rank()
     reference, group = _setup()
     ref_losses = [reference.step() for _ in range(8)]
     states = {}
     run, _ = _setup()
-    ckpt = Checkpointer(_node_settings(base), group, rank, dist.get_world_size())
+    ckpt = Checkpointer(_node_settings(base, writer), group, rank, dist.get_world_size())
     assert ckpt.load_latest(run.app_state) is None  # nothing yet; and the look must not change the state
     losses = []
     for step in range(1, 7):  # saves at 2, 4, 6 on both levels
@@ -90,7 +90,7 @@ def _drill_on_node(base: str) -> dict:
     if rank == 0:
         persistent6.rename(aside)
     dist.barrier()
-    step, resumed, warned = _load(base, group)
+    step, resumed, warned = _load(base, group, writer)
     out["same_nodes"] = (step, _same(full_state(resumed), states[6]), warned)
     out["continued"] = [resumed.step() for _ in range(2)] == ref_losses[6:8]
 
@@ -98,7 +98,7 @@ def _drill_on_node(base: str) -> dict:
     if rank == 0:
         _flip_a_byte(node_local.rank_dir(f"{base}/node0/ckpt", 0) / layout.step_dirname(6))
     dist.barrier()
-    step, resumed, warned = _load(base, group)
+    step, resumed, warned = _load(base, group, writer)
     out["corrupt"] = (step, _same(full_state(resumed), states[4]), warned)
 
     # 3. node 1 lost its disk (a restart on another node): the persistent level, shared, has step 6
@@ -107,7 +107,7 @@ def _drill_on_node(base: str) -> dict:
         aside.rename(persistent6)
         shutil.rmtree(f"{base}/node1")
     dist.barrier()
-    step, resumed, warned = _load(base, group)
+    step, resumed, warned = _load(base, group, writer)
     out["node_lost"] = (step, _same(full_state(resumed), states[6]), warned)
     dist.destroy_process_group(group)
     return out
@@ -128,8 +128,9 @@ def _same(a: dict, b: dict) -> bool:
         return False
 
 
-def test_own_copies_resume_on_the_same_nodes_and_the_persistent_level_elsewhere(tmp_path):
-    results = run_distributed(_drill, 2, str(tmp_path), timeout=300)
+@pytest.mark.parametrize("writer", ["thread", pytest.param("process", marks=pytest.mark.slow)])
+def test_own_copies_resume_on_the_same_nodes_and_the_persistent_level_elsewhere(tmp_path, writer):
+    results = run_distributed(_drill, 2, str(tmp_path), writer, timeout=300)
     for res in results:
         assert res["first_run"], "a run with node-local checkpoints trains differently from one without"
         assert res["own_dirs"] == [f"rank_{res['rank']:05d}"]  # a node holds only its own ranks' copies
