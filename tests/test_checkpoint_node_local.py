@@ -23,6 +23,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from meshweave.checkpoint import Checkpointer, CheckpointFallbackWarning, layout, node_local
 from meshweave.core.errors import ConfigError
+from meshweave.launch.cli import main
 from meshweave.testing import run_distributed
 from tests.checkpoint_support import TinyRun, assert_same_state, full_state, settings
 
@@ -129,7 +130,7 @@ def _same(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.parametrize("writer", ["thread", pytest.param("process", marks=pytest.mark.slow)])
-def test_own_copies_resume_on_the_same_nodes_and_the_persistent_level_elsewhere(tmp_path, writer):
+def test_own_copies_resume_on_the_same_nodes_and_the_persistent_level_elsewhere(tmp_path, writer, capsys):
     results = run_distributed(_drill, 2, str(tmp_path), writer, timeout=300)
     for res in results:
         assert res["first_run"], "a run with node-local checkpoints trains differently from one without"
@@ -141,6 +142,10 @@ def test_own_copies_resume_on_the_same_nodes_and_the_persistent_level_elsewhere(
     assert results[0]["corrupt"][2]  # the rank that found the damage warns
     copy = node_local.rank_dir(str(tmp_path / "node0" / "ckpt"), 0) / layout.step_dirname(4)
     assert layout.read_manifest(copy)["world_size"] == 1 and (copy / node_local.INFO).is_file()
+    # `meshweave ckpt verify` on a node's directory checks every rank's copies there (step 6 was damaged)
+    assert main(["ckpt", "verify", str(tmp_path / "node0" / "ckpt")]) == 1
+    report = capsys.readouterr().out
+    assert f"CORRUPT {tmp_path}/node0/ckpt/rank_00000/step_000000006" in report and "2 intact, 1 corrupt" in report
 
 
 def _unshared(base: str) -> str:

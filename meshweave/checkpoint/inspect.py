@@ -90,8 +90,14 @@ def _format_table(infos: list[CheckpointInfo]) -> str:
     return "\n".join([table, *notes])
 
 
+def _level_dirs(directory: Path) -> list[Path]:
+    """The level directories under `directory`: itself, or each rank's own copies in a node-local level."""
+    ranks = sorted(p for p in directory.glob("rank_[0-9][0-9][0-9][0-9][0-9]") if p.is_dir())
+    return ranks if ranks and not layout.committed_steps(directory) else [directory]
+
+
 def _cmd_list(directory: Path) -> int:
-    infos = list_checkpoints(directory)
+    infos = [info for level in _level_dirs(directory) for info in list_checkpoints(level)]
     if not infos:
         print(f"no checkpoints in {directory}")
         return 0
@@ -103,7 +109,8 @@ def _cmd_verify(directory: Path) -> int:
     if _is_checkpoint_dir(directory):
         targets = [directory]
     else:
-        targets = [Path(i.path) for i in list_checkpoints(directory) if i.status != "incomplete"]
+        targets = [Path(i.path) for level in _level_dirs(directory) for i in list_checkpoints(level)
+                   if i.status != "incomplete"]
     if not targets:
         print(f"no committed checkpoints in {directory}")
         return 1
@@ -123,7 +130,7 @@ def ckpt_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="meshweave ckpt", description="inspect meshweave checkpoints")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("list", "list checkpoints in a directory"), ("verify", "verify sizes and checksums")):
-        sub.add_parser(name, help=help_text).add_argument("dir", help="checkpoint level directory or one checkpoint")
+        sub.add_parser(name, help=help_text).add_argument("dir", help="checkpoint level directory (a node-local one: every rank's copies) or one checkpoint")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
