@@ -126,35 +126,19 @@ def _meshweave_slurm(cluster, tmp_path, *extra, steps=4, timeout=60):
     return job_id
 
 
-def test_meshweave_slurm_submit_runs_training(slurm_cluster, tmp_path):  # noqa: F811
-    """`meshweave slurm ... --submit`: the sbatch script starts one torchrun (2 workers) through srun, rendezvous
-    on the job's first node; the job trains 4 steps and completes."""
-    job_id = _meshweave_slurm(slurm_cluster, tmp_path)
-    state = slurm_cluster.wait_job(job_id, timeout=180)
-    log = tmp_path / "logs" / f"mwtest-{job_id}.out"
-    output = log.read_text() if log.exists() else "(no job output)"
-    assert "JobState=COMPLETED" in state and "ExitCode=0:0" in state, f"{state}\n{output[-3000:]}"
-    port = 20000 + int(job_id) % 20000
-    assert f"meshweave: job {job_id} (restart 0) on {slurm_cluster.node}, rendezvous {slurm_cluster.node}:{port}" \
-        in output, output[-3000:]
-    progress = [line for line in output.splitlines() if line.startswith("step ")]
-    assert [line.split()[1] for line in progress] == ["2/4", "4/4"], output[-3000:]
-    for rank in (0, 1):
-        records = _records(tmp_path / "run" / "metrics" / f"rank{rank}.jsonl")
-        assert [r["step"] for r in records] == [2, 4]
-        assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in records)
-
-
 def _job_state(cluster, job_id):
     info = cluster.run(["scontrol", "show", "job", job_id], timeout=10).stdout
     match = re.search(r"JobState=(\S+)", info)
     return (match.group(1) if match else "?"), info
 
 
-def test_meshweave_slurm_requeue_resumes_from_checkpoint(slurm_cluster, tmp_path):  # noqa: F811
-    """The time-limit warning (SIGUSR1 to the batch shell, as `--signal=B:USR1@120` sends it) makes the script
-    stop the ranks with SIGTERM (they save a checkpoint at the step they reached) and requeue the job; the
-    requeued job runs the script again and `meshweave train` resumes from that checkpoint to the end."""
+def test_meshweave_slurm_submit_trains_and_a_requeue_resumes_from_checkpoint(slurm_cluster, tmp_path):  # noqa: F811
+    """`meshweave slurm ... --submit`: the sbatch script starts one torchrun (2 workers) through srun, rendezvous
+    on the job's first node, and trains. The time-limit warning (SIGUSR1 to the batch shell, as
+    `--signal=B:USR1@120` sends it) makes the script stop the ranks with SIGTERM (they save a checkpoint at the
+    step they reached) and requeue the job; the requeued job runs the script again and `meshweave train` resumes
+    from that checkpoint to the end; the job completes with exit code 0. (One job for both: a submitted job that
+    only trained to the end started the same processes and proved a subset of this, at a minute of the suite.)"""
     job_id = _meshweave_slurm(slurm_cluster, tmp_path, "--set", f"checkpoint.dir={tmp_path}/ckpt",
                               "--set", "checkpoint.every_steps=100", steps=40)
     log = tmp_path / "logs" / f"mwtest-{job_id}.out"
@@ -176,6 +160,10 @@ def test_meshweave_slurm_requeue_resumes_from_checkpoint(slurm_cluster, tmp_path
         time.sleep(0.5)
     output = log.read_text()
     assert state == "COMPLETED" and "Restarts=1" in info, f"{info}\n{output[-4000:]}"
+    assert "ExitCode=0:0" in info, f"{info}\n{output[-4000:]}"
+    port = 20000 + int(job_id) % 20000
+    assert f"meshweave: job {job_id} (restart 0) on {slurm_cluster.node}, rendezvous {slurm_cluster.node}:{port}" \
+        in output, output[-3000:]
     assert f"meshweave: job {job_id} near its time limit or preempted: saving and requeueing" in output
     assert f"meshweave: job {job_id} (restart 1)" in output, output[-4000:]
     saved = re.findall(r"resumed from checkpoint at step (\d+)", output)
@@ -183,5 +171,10 @@ def test_meshweave_slurm_requeue_resumes_from_checkpoint(slurm_cluster, tmp_path
     first, second = output.split(f"meshweave: job {job_id} (restart 1)")
     assert not re.search(r"^step 40/40", first, re.MULTILINE)  # stopped early, then finished in the requeued run
     assert re.search(r"^step 40/40", second, re.MULTILINE), second[-3000:]
+    progress = [line.split()[1] for line in first.splitlines() if line.startswith("step ")]
+    assert progress == [f"{s}/40" for s in range(2, 2 * len(progress) + 1, 2)] and len(progress) >= 3, first[-3000:]
+    for rank in (0, 1):
+        records = _records(tmp_path / "run" / "metrics" / f"rank{rank}.jsonl")
+        assert records[-1]["step"] == 40 and all(r["loss"] == r["loss"] and r["loss"] > 0 for r in records)
     steps = [r["step"] for r in _records(tmp_path / "run" / "metrics" / "rank0.jsonl")]
     assert steps[-1] == 40 and steps == sorted(steps)  # the requeued run continued after the saved step
