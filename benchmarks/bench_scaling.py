@@ -521,6 +521,7 @@ def run_study(args: argparse.Namespace) -> None:
     report = {"steps": steps, "warmup": warmup, "quick": args.quick, "procs": procs, "base_overrides": base,
               "skipped": skipped, "rows": rows, "wall_s": time.perf_counter() - started,
               "load_average": os.getloadavg(), "cluster": dataclasses.asdict(cluster)}
+    report["calibration"] = model.calibrate(rows, os.cpu_count() or 1)
     report["projection"] = projection(rows, cluster, args.project_tokens_per_gpu)
     write_study(report, Path(args.out))
 
@@ -613,6 +614,7 @@ def write_study(report: dict, out: Path) -> None:
                          f"{_mb(meas) if d != '-' else ''} | {_mb(ana_v) if d != '-' else ''} | {ratio} |")
     if report["skipped"]:
         lines += ["", "Layouts that do not fit (left out):", ""] + [f"- {s}" for s in report["skipped"]]
+    lines += calibration_lines(report["calibration"])
     inp = proj["inputs"]
     lines += ["", "## Projected to a GPU cluster (projected, not measured)", "",
               f"Inputs: measured compute time per token here (1 process, CPU time) {inp['measured_cpu_s_per_token'] * 1e6:.1f} us "
@@ -640,6 +642,21 @@ def write_study(report: dict, out: Path) -> None:
     (out / "scaling.json").write_text(json.dumps(report, indent=1))
     print("\n".join(lines))
     plot_study(report, out / "scaling.png")
+
+
+def calibration_lines(cal: dict) -> list[str]:
+    """The cost model fitted to this run (bench_scaling_model.calibrate): its figures, and each run's fit."""
+    bw = "n/a (no byte term fitted)" if cal["bytes_per_s"] == float("inf") else f"{cal['bytes_per_s'] / 1e9:.3f} GB/s"
+    lines = ["", "## The cost model, calibrated on this run", "",
+             (f"step = overhead + work x c + link bytes / B + latencies x L, fitted to every measured run (non-negative "
+              f"least squares; work = tokens per process x max(1, processes / {cal['cores']} cores)): overhead "
+              f"{cal['overhead_s'] * 1e3:.2f} ms, c {cal['s_per_token'] * 1e6:.2f} us/token, B {bw}, L "
+              f"{cal['latency_s'] * 1e6:.1f} us. Mean |model / measured - 1| = {cal['mean_abs_error']:.1%}: how far this "
+              "form explains this machine. The projection below keeps the form with the GPU cluster's c, B and L."), "",
+             "| layout | mode | procs | measured ms/step | model ms/step | model / measured - 1 |", "|---|---|---|---|---|---|"]
+    lines += [f"| {t['key']} | {t['mode']} | {t['world']} | {t['measured_s'] * 1e3:.1f} | {t['model_s'] * 1e3:.1f} | "
+              f"{t['error']:+.1%} |" for t in cal["rows"]]
+    return lines
 
 
 def plot_study(report: dict, path: Path) -> None:

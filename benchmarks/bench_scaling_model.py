@@ -19,8 +19,11 @@ Projection (labelled "projected" wherever shown): a step on a GPU cluster costs
              all_gather of x bytes on n ranks (n-1) x / bw, reduce_scatter of X (n-1)/n X / bw,
              all_reduce 2 (n-1)/n X / bw, send/recv X / bw, each call plus (n-1) (or 1) latencies,
     no overlap of compute and communication (an upper bound on the step).
-The compute rate is calibrated from this run: c_cpu (measured seconds per token of the 1-process run) and
-flops_per_token give the achieved FLOP/s here; the GPU figure replaces that by peak x MFU (assumed).
+Calibration (`calibrate`): the same form, plus a fixed per-step overhead, is fitted to every measured run of
+this study (step = overhead + work x c + link bytes / B + latencies x L, non-negative least squares), and each
+run's modelled step is reported beside its measured one. The projection keeps the form and replaces the fitted
+c, B and L by the GPU cluster's (c_gpu from FLOPs / (peak x MFU), the links assumed); the CPU's overhead is not
+carried over (it is this machine's Python and process cost, not the GPU's).
 """
 
 from __future__ import annotations
@@ -161,6 +164,43 @@ def projected_comm_seconds(ledger: dict[str, dict[str, int]], steps: int, degree
         lat = (cluster.inter_latency_us if inter else cluster.intra_latency_us) * 1e-6
         total += _collective_seconds(op, v["calls"] / steps, v["bytes"] / steps, n, bw, lat)
     return total
+
+
+def comm_terms(ledger: dict[str, dict[str, int]], steps: int, degrees: dict[str, int], world: int) -> tuple[float, float]:
+    """(link bytes, link latencies) per step of a run's ledger under the ring-collective model of
+    `projected_comm_seconds`: its seconds on a link of bandwidth B and latency L are bytes / B + latencies x L."""
+    unit_bytes = Cluster(intra_gbps=1e-9, inter_gbps=1e-9, intra_latency_us=0.0, inter_latency_us=0.0)  # 1 byte/s
+    unit_latency = Cluster(intra_gbps=math.inf, inter_gbps=math.inf, intra_latency_us=1e6, inter_latency_us=1e6)
+    return (projected_comm_seconds(ledger, steps, degrees, world, unit_bytes),
+            projected_comm_seconds(ledger, steps, degrees, world, unit_latency))
+
+
+def calibrate(rows: list[dict], cores: int) -> dict:
+    """Fit the cost model to this run's measured steps: step = overhead + work x c + link bytes / B + latencies x L.
+
+    work = tokens per process x max(1, processes / cores) (processes beyond the cores share them); bytes and
+    latencies from `comm_terms` of the slowest rank's ledger. Non-negative least squares (scipy's nnls) over
+    every measured (layout, run); the fitted figures and each row's modelled step beside its measured one say
+    how far the model's form explains this machine, before its coefficients are replaced by a GPU cluster's."""
+    from scipy.optimize import nnls
+
+    runs = {(r["key"], r["world"], tuple(r["step_times"])): r for r in rows}.values()  # a run measured once counts once
+    feats, measured, names = [], [], []
+    for r in runs:
+        steps = len(r["step_times"])
+        link = max((comm_terms(ledger, steps, r["degrees"], r["world"]) for ledger in r["ledgers"]), default=(0.0, 0.0))
+        feats.append([1.0, r["tokens"] / r["world"] * max(1.0, r["world"] / cores), *link])
+        measured.append(r["step_s"])
+        names.append((r["key"], r["mode"], r["world"]))
+    scale = [max(abs(f[i]) for f in feats) or 1.0 for i in range(4)]  # columns of comparable size for the solver
+    coef, _ = nnls([[f[i] / scale[i] for i in range(4)] for f in feats], measured)
+    coef = [c / sc for c, sc in zip(coef, scale)]
+    fitted = [sum(c * x for c, x in zip(coef, f)) for f in feats]
+    table = [{"key": k, "mode": m, "world": w, "measured_s": y, "model_s": f, "error": f / y - 1}
+             for (k, m, w), y, f in zip(names, measured, fitted)]
+    return {"overhead_s": coef[0], "s_per_token": coef[1], "bytes_per_s": 1 / coef[2] if coef[2] > 0 else math.inf,
+            "latency_s": coef[3], "cores": cores, "rows": table,
+            "mean_abs_error": sum(abs(t["error"]) for t in table) / len(table)}
 
 
 def gpu_seconds_per_token(flops_per_token: float, cluster: Cluster) -> float:
