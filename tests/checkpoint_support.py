@@ -112,6 +112,15 @@ def full_state(run: TinyRun) -> dict[str, Any]:
             for k, v in flat.items()}
 
 
+def same_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """assert_same_state as a value (for workers, which return results instead of raising)."""
+    try:
+        assert_same_state(a, b)
+        return True
+    except AssertionError:
+        return False
+
+
 def assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
     for k in a:

@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from meshweave.checkpoint import CheckpointFallbackWarning, Checkpointer, layout
+from meshweave.checkpoint import Checkpointer, CheckpointFallbackWarning, layout
 from meshweave.testing import run_distributed
-from tests.checkpoint_support import TinyRun, assert_same_state, full_state, settings
+from tests.checkpoint_support import TinyRun, assert_same_state, full_state, same_state, settings
 
 # DCP warns on every single-process call that it runs single-process: that is intended here.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -47,15 +47,8 @@ def _resume_fsdp(directory: str, mode: str) -> dict:
     ckpt.close()
     dist.destroy_process_group(group)
     return {"rank": rank, "step": step, "reference": reference, "resumed": head + tail,
-            "state_ok": _same(loaded, at_4), "loaded": loaded if rank == 0 else None}
+            "state_ok": same_state(loaded, at_4), "loaded": loaded if rank == 0 else None}
 
-
-def _same(a: dict, b: dict) -> bool:
-    try:
-        assert_same_state(a, b)
-        return True
-    except AssertionError:
-        return False
 
 
 def test_fsdp_two_ranks_lazy_and_sync_resume_exactly_and_agree(tmp_path):
@@ -211,7 +204,7 @@ def _fsdp_stages_one_optimizer(directory: str) -> bool:
     dist.destroy_process_group(group)
     full = lambda app: {k: v.full_tensor() if hasattr(v, "full_tensor") else v  # noqa: E731
                         for k, v in _flat_state(app).items()}
-    return step == 1 and _same(full(target), full(saved))
+    return step == 1 and same_state(full(target), full(saved))
 
 
 def _flat_state(app) -> dict:

@@ -25,7 +25,7 @@ from meshweave.checkpoint import Checkpointer, CheckpointFallbackWarning, layout
 from meshweave.core.errors import ConfigError
 from meshweave.launch.cli import main
 from meshweave.testing import run_distributed
-from tests.checkpoint_support import TinyRun, assert_same_state, full_state, settings
+from tests.checkpoint_support import TinyRun, full_state, same_state, settings
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 SCRATCH = "$NODE_SCRATCH/ckpt"  # expanded in each process: a different directory on each "node"
@@ -92,7 +92,7 @@ def _drill_on_node(base: str, writer: str) -> dict:
         persistent6.rename(aside)
     dist.barrier()
     step, resumed, warned = _load(base, group, writer)
-    out["same_nodes"] = (step, _same(full_state(resumed), states[6]), warned)
+    out["same_nodes"] = (step, same_state(full_state(resumed), states[6]), warned)
     out["continued"] = [resumed.step() for _ in range(2)] == ref_losses[6:8]
 
     # 2. rank 0's own copy of step 6 is corrupt: every rank falls back to step 4 together
@@ -100,7 +100,7 @@ def _drill_on_node(base: str, writer: str) -> dict:
         _flip_a_byte(node_local.rank_dir(f"{base}/node0/ckpt", 0) / layout.step_dirname(6))
     dist.barrier()
     step, resumed, warned = _load(base, group, writer)
-    out["corrupt"] = (step, _same(full_state(resumed), states[4]), warned)
+    out["corrupt"] = (step, same_state(full_state(resumed), states[4]), warned)
 
     # 3. node 1 lost its disk (a restart on another node): the persistent level, shared, has step 6
     dist.barrier()
@@ -109,7 +109,7 @@ def _drill_on_node(base: str, writer: str) -> dict:
         shutil.rmtree(f"{base}/node1")
     dist.barrier()
     step, resumed, warned = _load(base, group, writer)
-    out["node_lost"] = (step, _same(full_state(resumed), states[6]), warned)
+    out["node_lost"] = (step, same_state(full_state(resumed), states[6]), warned)
     dist.destroy_process_group(group)
     return out
 
@@ -120,13 +120,6 @@ def _flip_a_byte(step_dir: Path) -> None:
     raw[0] ^= 1
     data.write_bytes(bytes(raw))
 
-
-def _same(a: dict, b: dict) -> bool:
-    try:
-        assert_same_state(a, b)
-        return True
-    except AssertionError:
-        return False
 
 
 @pytest.mark.parametrize("writer", ["thread", pytest.param("process", marks=pytest.mark.slow)])
