@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from meshweave.checkpoint import Checkpointer, CheckpointFallbackWarning, layout, node_local
+from meshweave.checkpoint import Checkpointer, CheckpointFallbackWarning, CheckpointLoadError, layout, node_local
 from meshweave.core.errors import ConfigError
 from meshweave.launch.cli import main
 from meshweave.testing import run_distributed
@@ -141,6 +141,43 @@ def test_own_copies_resume_on_the_same_nodes_and_the_persistent_level_elsewhere(
     assert f"CORRUPT {tmp_path}/node0/ckpt/rank_00000/step_000000006" in report and "2 intact, 1 corrupt" in report
 
 
+def _save_two_steps(base: str) -> None:
+    with _on_node(base):
+        run, group = _setup()
+        ckpt = Checkpointer(_node_settings(base, "thread"), group, dist.get_rank(), dist.get_world_size())
+        for _ in range(4):  # saves at 2 and 4
+            run.step(ckpt)
+        ckpt.close()
+        dist.destroy_process_group(group)
+
+
+def _load_alone(base: str, node: str) -> tuple[int | None, str]:
+    """One process, as rank 0 of a world of 1, on `node`'s disk: its copies are rank 0's of a world of 2."""
+    os.environ["NODE_SCRATCH"] = f"{base}/{node}"
+    try:
+        run = TinyRun(seed=99)
+        ckpt = Checkpointer(_node_settings(base, "thread"), None, 0, 1)
+        try:
+            return ckpt.load_latest(run.app_state), ""
+        except CheckpointLoadError as err:
+            return None, str(err)
+        finally:
+            ckpt.close()
+    finally:
+        os.environ.pop("NODE_SCRATCH", None)
+
+
+def test_copies_of_another_layout_are_never_loaded_and_never_silently_skipped(tmp_path):
+    run_distributed(_save_two_steps, 2, str(tmp_path), timeout=300)
+    # the persistent level (shared) reshards onto one process; the copies are not used
+    assert _load_alone(str(tmp_path), "node0") == (4, "")
+    # without it, starting over would silently drop 4 steps: refused, naming the ways out
+    shutil.rmtree(tmp_path / "persistent")
+    step, message = _load_alone(str(tmp_path), "node0")
+    assert step is None and "node-local copies up to step 4 were written under another layout" in message
+    assert "checkpoint.resume: false" in message
+
+
 def _unshared(base: str) -> str:
     group = dist.new_group(backend="gloo")
     try:
@@ -166,11 +203,13 @@ def test_a_copy_fits_only_its_rank_world_size_and_layout(tmp_path):
     step_dir = node_local.rank_dir(str(tmp_path), 1) / layout.step_dirname(3)
     step_dir.mkdir(parents=True)
     (step_dir / node_local.INFO).write_text(json.dumps(expect))
-    assert node_local.fitting_steps(str(tmp_path), expect) == [3]
-    assert node_local.fitting_steps(str(tmp_path), node_local.info(1, 4, tensors)) == []  # other world size
+    assert node_local.own_steps(str(tmp_path), expect) == ([3], None)
+    assert node_local.own_steps(str(tmp_path), node_local.info(1, 4, tensors)) == ([], 3)  # other world size
     other = dict(tensors, **{"model/w": torch.zeros(2, 2)})
-    assert node_local.fitting_steps(str(tmp_path), node_local.info(1, 2, other)) == []  # other shard shape
-    assert node_local.fitting_steps(str(tmp_path), node_local.info(0, 2, tensors)) == []  # rank 0 has no copies
+    assert node_local.own_steps(str(tmp_path), node_local.info(1, 2, other)) == ([], 3)  # other shard shape
+    assert node_local.own_steps(str(tmp_path), node_local.info(0, 2, tensors)) == ([], None)  # rank 0 has no copies
+    # the optimizer's state is left out (reading it early would initialise it): its shapes do not count
+    assert node_local.info(1, 2, dict(tensors, **{"optimizer/state.w.exp_avg": torch.zeros(9)})) == expect
 
 
 def test_directories_expand_environment_variables_and_name_an_unset_one(monkeypatch):

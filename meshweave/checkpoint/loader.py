@@ -64,12 +64,14 @@ def _newest_first(cfg: CheckpointSettings, found: list[Candidate]) -> list[Candi
     return sorted(found, key=lambda c: (-c.step, order[c.level]))
 
 
-def own_copy_candidates(comms: CheckpointComms, cfg: CheckpointSettings, expect: dict[str, Any]) -> list[Candidate]:
-    """The node-local steps every rank holds a copy of that fits `expect` (node_local.info); collective."""
+def own_copy_candidates(comms: CheckpointComms, cfg: CheckpointSettings, expect: dict[str, Any]
+                        ) -> tuple[list[Candidate], int | None]:
+    """The node-local steps every rank holds a copy of that fits `expect` (node_local.info), and the newest
+    copy of another layout any rank holds; collective."""
     node_dir = cfg.level_dir(node_local.LEVEL)
-    steps = node_local.agreed_steps(comms, node_local.fitting_steps(node_dir, expect))
+    steps, unfit = node_local.agreed_steps(comms, *node_local.own_steps(node_dir, expect))
     return [Candidate(step, node_local.LEVEL, str(node_local.rank_dir(node_dir, comms.rank) / layout.step_dirname(step)),
-                      own=True) for step in steps]
+                      own=True) for step in steps], unfit
 
 
 def verify_share(path: str, rank: int, world_size: int, checksums: bool = True) -> list[str]:
@@ -93,8 +95,29 @@ def choose(comms: CheckpointComms, cfg: CheckpointSettings, memory_step: int | N
     lo, hi = comms.all_reduce_int(mine, "min"), comms.all_reduce_int(mine, "max")
     memory = Candidate(lo, MEMORY, "") if lo == hi and lo >= 0 else None
     listed = comms.broadcast_json([c.__dict__ for c in disk_candidates(cfg)] if comms.rank == 0 else None)
-    own = own_copy_candidates(comms, cfg, own_copy) if cfg.node_local and own_copy is not None else []
-    for cand in _newest_first(cfg, [Candidate(**c) for c in listed] + own):
+    own, unfit = own_copy_candidates(comms, cfg, own_copy) if cfg.node_local and own_copy is not None else ([], None)
+    chosen = _first_good(comms, cfg, _newest_first(cfg, [Candidate(**c) for c in listed] + own), memory)
+    if unfit is not None and (chosen is None or chosen.step < unfit):
+        _refuse_or_warn_unfit(comms.rank, unfit, chosen)
+    return chosen
+
+
+def _refuse_or_warn_unfit(rank: int, unfit: int, chosen: Candidate | None) -> None:
+    """Node-local copies newer than what can be loaded were written under another layout: they cannot be
+    resharded, so going on would silently redo their steps (or start over)."""
+    what = (f"checkpoint.dir: the node-local copies up to step {unfit} were written under another layout (world size "
+            f"or sharding) and cannot be resharded")
+    if chosen is None:
+        raise CheckpointLoadError(f"{what}, and no other checkpoint exists; go back to that layout, or set "
+                                  f"checkpoint.resume: false to start over")
+    if rank == 0:
+        log.warning("%s; resuming from the older step %d (%s level)", what, chosen.step, chosen.level)
+
+
+def _first_good(comms: CheckpointComms, cfg: CheckpointSettings, candidates: list[Candidate],
+                memory: Candidate | None) -> Candidate | None:
+    """The first candidate that verifies on every rank (the memory snapshot where it is as new)."""
+    for cand in candidates:
         if memory is not None and memory.step >= cand.step:
             return memory
         rank, world_size = (0, 1) if cand.own else (comms.rank, comms.world_size)  # a copy: its rank checks it all

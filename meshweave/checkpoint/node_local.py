@@ -78,30 +78,35 @@ def rank_payload(payload: SavePayload) -> SavePayload:
     return dataclasses.replace(payload, tensors={k: local_tensor(t) for k, t in payload.tensors.items()})
 
 
-def fitting_steps(node_dir: str, expect: dict[str, Any]) -> list[int]:
-    """Committed steps of this rank's copies (newest first) written by the same rank, world size and layout."""
+def own_steps(node_dir: str, expect: dict[str, Any]) -> tuple[list[int], int | None]:
+    """This rank's committed copies: the steps (newest first) written by the same rank, world size and layout,
+    and the newest step of those written under another (None if there is none)."""
     directory = rank_dir(node_dir, expect["rank"])
-    steps = []
+    fitting, unfit = [], None
     for step in layout.committed_steps(directory):
         try:
             written = json.loads((directory / layout.step_dirname(step) / INFO).read_text())
         except (OSError, ValueError):
             continue  # unreadable: not a candidate (verification would reject it anyway)
         if written == expect:
-            steps.append(step)
-    return steps
+            fitting.append(step)
+        elif unfit is None:
+            unfit = step
+    return fitting, unfit
 
 
-def agreed_steps(comms: CheckpointComms, mine: list[int]) -> list[int]:
-    """The steps every rank holds a fitting copy of, newest first (the same list on every rank)."""
-    every = comms.all_gather_json(mine)
-    common = set(every[0]).intersection(*every[1:])
-    short = [rank for rank, steps in enumerate(every) if set(steps) != common]
-    if comms.rank == 0 and short and any(every):
-        newest = {rank: (max(steps) if steps else None) for rank, steps in enumerate(every)}
+def agreed_steps(comms: CheckpointComms, mine: list[int], unfit: int | None) -> tuple[list[int], int | None]:
+    """The steps every rank holds a fitting copy of, newest first, and the newest copy any rank holds from
+    another layout (the same on every rank)."""
+    every = comms.all_gather_json({"fit": mine, "unfit": unfit})
+    fits = [e["fit"] for e in every]
+    common = set(fits[0]).intersection(*fits[1:])
+    short = [rank for rank, steps in enumerate(fits) if set(steps) != common]
+    if comms.rank == 0 and short and any(fits):
+        newest = {rank: (max(steps) if steps else None) for rank, steps in enumerate(fits)}
         log.warning("node-local checkpoints: the ranks hold different steps (newest per rank: %s); only steps every rank "
                     "holds count (%s)", newest, sorted(common, reverse=True) or "none: the persistent level decides")
-    return sorted(common, reverse=True)
+    return sorted(common, reverse=True), max((e["unfit"] for e in every if e["unfit"] is not None), default=None)
 
 
 def ranks_not_seeing(comms: CheckpointComms, directory: str) -> list[int]:
