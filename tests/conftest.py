@@ -8,13 +8,13 @@ from meshweave.testing import close_all_pools
 # worker ran them for minutes while the other had nothing left. Longest-first leaves only short files for the end.
 # This is a scheduling hint only: every test still runs, in its file's own order.
 FILE_SECONDS = {
+    "tests/test_swarm.py": 600,
     "tests/test_multinode.py": 450,
-    "tests/test_failures_interrupts.py": 400,
-    "tests/test_swarm.py": 400,
-    "tests/test_failures.py": 300,
+    "tests/test_failures_interrupts.py": 350,
+    "tests/test_tp_pp.py": 300,
     "tests/test_resume.py": 250,
-    "tests/test_tp_pp.py": 250,
-    "tests/test_adaptive_sp.py": 220,
+    "tests/test_adaptive_sp.py": 250,
+    "tests/test_failures.py": 200,
     "tests/test_slurm.py": 200,
     "tests/test_dsp.py": 150,
     "tests/test_launch.py": 150,
