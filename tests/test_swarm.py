@@ -7,6 +7,7 @@ ledger must show each microbatch of each committed step served exactly once by e
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections import Counter
@@ -198,31 +199,21 @@ def test_a_killed_peer_restarted_with_the_same_command_rejoins(tmp_path):
     assert len(run.peers) == 4
 
 
+def _newest_step(run_dir) -> int:
+    """The newest committed step (1-based) in the ledger, or 0."""
+    path = run_dir / "swarm" / "ledger.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return max((json.loads(line)["step"] + 1 for line in lines if '"step"' in line), default=0)
+
+
 @pytest.mark.slow
-def test_the_coordinator_killed_and_restarted_resumes_the_run(tmp_path):
+def test_a_restarted_coordinator_resumes_and_a_stage_that_loses_every_peer_resumes_from_its_snapshot(tmp_path):
+    """One run of separate processes, two drills: the coordinator is killed and restarted with the same command
+    (the peers reconnect and the run resumes at the step it had committed); later the only peer of stage 1 is
+    killed, the run pauses until a new peer joins, and every stage rolls back to the newest stage snapshot.
+    (Two runs of their own before: each start of a coordinator and peers costs most of a minute of the loaded
+    suite.)"""
     steps = 12
-    ref = reference(layers=2, steps=steps)
-    swarm = SeparateSwarm(tmp_path, swarm_config(tmp_path, steps))
-    try:
-        swarm.start_coordinator()
-        for _ in range(4):
-            swarm.start_peer()
-        swarm.wait_for_step(4)
-        swarm.coordinator.kill()
-        swarm.coordinator.wait()
-        swarm.start_coordinator()
-        run = swarm.finish()
-    finally:
-        swarm.kill_all()
-    assert run.returncode == 0, run.output[-4000:]
-    assert "coordinator resumes at step" in run.output
-    assert_exactly_once(run, steps, stages=2)
-    assert_matches_reference(run, ref)
-
-
-@pytest.mark.slow
-def test_a_stage_that_loses_every_peer_pauses_until_one_joins_and_resumes_from_its_snapshot(tmp_path):
-    steps = 10
     ref = reference(layers=2, steps=steps)
     swarm = SeparateSwarm(tmp_path, swarm_config(tmp_path, steps, peers="[2,1]",
                                                  extra=["fault_tolerance.snapshot_every=2"]))
@@ -230,8 +221,16 @@ def test_a_stage_that_loses_every_peer_pauses_until_one_joins_and_resumes_from_i
         swarm.start_coordinator()
         for _ in range(3):
             swarm.start_peer()
-        entry = swarm.wait_for_step(5)
+        entry = swarm.wait_for_step(3)
         lone = next(int(info["index"]) for info in entry["peers"].values() if info["stage"] == 1)
+        swarm.coordinator.kill()
+        swarm.coordinator.wait()
+        restarted_at = _newest_step(tmp_path)
+        swarm.start_coordinator()
+        deadline = time.monotonic() + 120
+        while _newest_step(tmp_path) < restarted_at + 2:  # the restarted coordinator commits again
+            assert swarm.coordinator.poll() is None and time.monotonic() < deadline, swarm.output()[-3000:]
+            time.sleep(0.05)
         swarm.peers[lone].kill()
         swarm.peers[lone].wait()
         deadline = time.monotonic() + 60
@@ -243,6 +242,7 @@ def test_a_stage_that_loses_every_peer_pauses_until_one_joins_and_resumes_from_i
     finally:
         swarm.kill_all()
     assert run.returncode == 0, run.output[-4000:]
+    assert "coordinator resumes at step" in run.output
     assert "resuming from the stage snapshots of step" in run.output
     assert_exactly_once(run, steps, stages=2)
     assert_matches_reference(run, ref)
