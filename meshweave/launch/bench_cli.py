@@ -1,6 +1,6 @@
 """`meshweave bench NAME` (the benchmark scripts as subcommands) and `meshweave recipe` (issue 14).
 
-`meshweave bench NAME [--quick] [--out DIR] [script args...]` runs benchmarks/bench_<script>.py of the
+`meshweave bench NAME [--quick] [--out DIR] [script args...]` runs NAME's script in benchmarks/ of the
 source checkout this package was imported from, in a subprocess (each script starts its own worker
 processes), with the script's own arguments passed through. `--quick` is every script's small setting;
 `--out` goes to the script as `--out` where it has one and as MESHWEAVE_BENCH_OUT otherwise (the
@@ -30,6 +30,8 @@ SCRIPTS: dict[str, tuple[str, bool]] = {
     "dsp": ("bench_dsp.py", False),
     "linear_attention": ("bench_linear_attention.py", False),
     "adaptive": ("bench_adaptive_sp.py", False),
+    "swarm": ("bench_swarm.py", True),
+    "swarm_drills": ("swarm_drills.py", True),
 }
 OUT_ENV = "MESHWEAVE_BENCH_OUT"
 REPORT_SUFFIXES = (".md", ".json", ".png")

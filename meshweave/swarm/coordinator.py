@@ -275,7 +275,7 @@ class Coordinator:
             failed = {p: v for p, v in votes.items() if not v["ok"]}
             if failed:
                 reason = "; ".join(f"peer {p}: {v['error']}" for p, v in failed.items())
-                suspects = {v["suspect"] for v in failed.values() if v.get("suspect") in self.members}
+                suspects = {p for v in failed.values() for p in v.get("suspects", []) if p in self.members}
                 return self._abort(plan, reason, self._confirm_dead(suspects))
             time.sleep(0.01)
         problem = ledger_problem(plan, votes, self.ft.stages)

@@ -28,11 +28,12 @@ class StepAborted(RuntimeError):
 
 
 class TransferFailed(RuntimeError):
-    """A transfer with a peer failed or timed out: this peer votes to abort the attempt, naming the suspect."""
+    """A transfer with a peer failed or timed out: this peer votes to abort the attempt, naming the suspects
+    (the peer of a send or receive; every other peer of a collective)."""
 
-    def __init__(self, message: str, suspect: int | None = None) -> None:
+    def __init__(self, message: str, suspects: list[int] | None = None) -> None:
         super().__init__(message)
-        self.suspect = suspect
+        self.suspects = suspects or []
 
 
 def make_group(store: dist.Store, prefix: str, rank: int, size: int, timeout_s: float, device: torch.device) -> Any:
@@ -53,10 +54,10 @@ class Waiter:
     def __init__(self, aborted: Callable[[], bool], timeout_s: float, poll_s: float = 0.02) -> None:
         self.aborted, self.timeout_s, self.poll_s = aborted, timeout_s, poll_s
 
-    def wait(self, work: Any, what: str, peer: int | None = None) -> None:
+    def wait(self, work: Any, what: str, peer: int | list[int] | None = None) -> None:
         self.call(work.wait, what, peer)
 
-    def call(self, fn: Callable[[], Any], what: str, peer: int | None = None) -> Any:
+    def call(self, fn: Callable[[], Any], what: str, peer: int | list[int] | None = None) -> Any:
         done = threading.Event()
         error: list[BaseException] = []
         result: list[Any] = []
@@ -69,6 +70,7 @@ class Waiter:
             done.set()
 
         threading.Thread(target=run, daemon=True, name=f"swarm-wait {what}").start()
+        suspects = peer if isinstance(peer, list) else [] if peer is None else [peer]
         deadline = time.monotonic() + self.timeout_s
         next_check = 0.0
         while not done.wait(self.poll_s):
@@ -78,9 +80,9 @@ class Waiter:
                     raise StepAborted(f"attempt aborted by the coordinator while waiting for {what}")
                 next_check = now + 0.1
             if now > deadline:
-                raise TransferFailed(f"{what}: no answer within {self.timeout_s:g} s", peer)
+                raise TransferFailed(f"{what}: no answer within {self.timeout_s:g} s", suspects)
         if error:
-            raise TransferFailed(f"{what}: {str(error[0]).splitlines()[0][:300]}", peer)
+            raise TransferFailed(f"{what}: {str(error[0]).splitlines()[0][:300]}", suspects)
         return result[0]
 
 

@@ -149,7 +149,7 @@ class Peer:
         except TransferFailed as err:
             self._discard()
             ctl.put(self.store, ctl.vote_key(plan["round"], self.id),
-                    {"ok": False, "error": str(err), "suspect": err.suspect})
+                    {"ok": False, "error": str(err), "suspects": err.suspects})
         self._await_decision(plan, decision)
 
     def _await_decision(self, plan: dict[str, Any], key: str) -> None:
@@ -214,7 +214,11 @@ class Peer:
         my_stage = plan["members"][str(self.id)]
         stage_members = [p for p in members if plan["members"][str(p)] == my_stage]
         self.groups = None
-        self.groups = waiter.call(lambda: EpochGroups(self.store, plan["epoch"], members, stage_members, self.id,
+        # Each epoch's groups meet on a store client of their own: a group creation that waits for a member that
+        # died holds its client's socket until the timeout, and on the shared client that wait would also hold
+        # back the polling of the coordinator's decision (measured: an abort then took transfer_timeout_s).
+        self.groups = waiter.call(lambda: EpochGroups(ctl.connect(self.ft.coordinator, self.ft.transfer_timeout_s),
+                                                      plan["epoch"], members, stage_members, self.id,
                                                       self.ft.transfer_timeout_s, self.device),
                                   f"connecting epoch {plan['epoch']}'s groups")
 
@@ -308,7 +312,8 @@ class Peer:
         maybe_kill("allreduce", plan["step"], plan["attempt"])
         flat = self.model.flat_grads()
         work = self.groups.stage_sum(flat)
-        if work is not None:
-            waiter.wait(work, f"stage {self.model.stage} gradient all-reduce")
+        if work is not None:  # a failure names the stage's other peers: the coordinator checks which one died
+            others = [p for p in self.groups.stage_members if p != self.id]
+            waiter.wait(work, f"stage {self.model.stage} gradient all-reduce", others)
         self.model.set_grads(flat)
         return {"squared_norm": float(flat.double().pow(2).sum()).hex()}
