@@ -9,11 +9,10 @@ start-up) or complete (config.yaml, plus the failing rank's log). Interrupts, to
 tests/test_failures_interrupts.py.
 """
 
-import subprocess
-import sys
 
 import pytest
 
+from meshweave.testing import run_distributed
 from tests.failure_support import (
     LONG,
     TINY,
@@ -82,13 +81,23 @@ def test_start_up_problem_in_process_is_one_line_and_starts_nothing(tmp_path, co
     assert_no_run_dir(run_dir)
 
 
+def _train_tiny_with_checkpoint(root: str) -> None:
+    from meshweave.train.build import build_trainer
+    from meshweave.train.config import load_config
+
+    trainer = build_trainer(load_config(None, [*TINY[1::2], f"run_dir={root}/run", f"checkpoint.dir={root}/ck"]))
+    trainer.train()  # saves the final step's checkpoint
+    trainer.p.mesh.close()
+
+
 @pytest.fixture(scope="module")
 def checkpoint_dir(tmp_path_factory):
-    """A committed checkpoint of the tiny model (one 2-step run)."""
+    """A committed checkpoint of the tiny model (one 2-step run on 2 ranks, as `meshweave train` would run it; on
+    the test harness's pooled workers: the tests below read it at start-up, and a `meshweave train` subprocess
+    cost three interpreter start-ups)."""
     root = tmp_path_factory.mktemp("ckpt")
-    proc = subprocess.run([sys.executable, "-m", "meshweave", "train", *TINY, "--set", f"run_dir={root}/run",
-                           "--set", f"checkpoint.dir={root}/ck"], capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr
+    run_distributed(_train_tiny_with_checkpoint, 2, str(root))
+    assert (root / "ck" / "latest").is_file()
     return root / "ck"
 
 
