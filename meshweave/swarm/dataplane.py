@@ -91,7 +91,7 @@ class EpochGroups:
 
     def __init__(self, store: dist.Store, epoch: int, members: list[int], stage_members: list[int], me: int,
                  timeout_s: float, device: torch.device) -> None:
-        self.epoch, self.members, self.stage_members = epoch, members, stage_members
+        self.epoch, self.members, self.stage_members, self.me = epoch, members, stage_members, me
         self.rank = {peer: i for i, peer in enumerate(members)}
         self.p2p = make_group(store, f"swarm/e{epoch}/p2p", self.rank[me], len(members), timeout_s, device)
         self.stage = None
@@ -101,11 +101,26 @@ class EpochGroups:
                                     len(stage_members), timeout_s, device)
 
     def send(self, tensor: torch.Tensor, peer: int, tag: int) -> Any:
-        return self.p2p.send([tensor.contiguous()], self.rank[peer], tag)
+        return _issue(lambda: self.p2p.send([tensor.contiguous()], self.rank[peer], tag), f"a send to peer {peer}", [peer])
 
     def recv(self, tensor: torch.Tensor, peer: int, tag: int) -> Any:
-        return self.p2p.recv([tensor], self.rank[peer], tag)
+        return _issue(lambda: self.p2p.recv([tensor], self.rank[peer], tag), f"a receive from peer {peer}", [peer])
 
     def stage_sum(self, tensor: torch.Tensor) -> Any | None:
         """All-reduce SUM over the stage's peers (None when the stage has one peer)."""
-        return None if self.stage is None else self.stage.allreduce([tensor])
+        if self.stage is None:
+            return None
+        return _issue(lambda: self.stage.allreduce([tensor]), "the stage all-reduce", self.stage_others())
+
+    def stage_others(self) -> list[int]:
+        """The other peers of this peer's stage (the suspects when a stage collective fails)."""
+        return [p for p in self.stage_members if p != self.me]
+
+
+def _issue(start: Callable[[], Any], what: str, suspects: list[int]) -> Any:
+    """Start a group call; gloo raises at once when a pair already failed (the peer died during an earlier
+    call of this epoch): that is a failed transfer too, not a lost coordinator."""
+    try:
+        return start()
+    except RuntimeError as err:
+        raise TransferFailed(f"{what}: {str(err).splitlines()[0][:300]}", suspects) from err

@@ -1,8 +1,8 @@
 """Fault injection for SWARM drills: kill or slow a peer at a named point.
 
 MESHWEAVE_SWARM_FAULT="kill:point=P:step=S[:attempt=A][:index=I]" SIGKILLs this peer when it reaches
-point P of step S (attempt A, default 0; step=any: whichever step it first reaches P in); P is one of
-forward, backward, allreduce, commit, join.
+point P of step S (attempt A, default 0; step=any: whichever step and attempt it first reaches P in); P is
+one of forward, backward, allreduce, commit, join.
 "slow:factor=F[:seconds=X][:index=I]" makes every microbatch's compute take F times as long, plus X
 seconds (a sleep).
 `index` matches MESHWEAVE_SWARM_INDEX, which the local launcher sets per peer (0, 1, ...), so one
@@ -43,8 +43,11 @@ def maybe_kill(point: str, step: int, attempt: int) -> None:
     if fault is None or fault[0] != "kill":
         return
     values = fault[1]
-    step_matches = values.get("step") == "any" or int(values.get("step", 0)) == step
-    if values["point"] == point and step_matches and int(values.get("attempt", 0)) == attempt:
+    anywhere = values.get("step") == "any"
+    step_matches = anywhere or int(values.get("step", 0)) == step
+    # step=any: also any attempt (a peer may first reach the point in a redo, e.g. a join during one)
+    attempt_matches = int(values["attempt"]) == attempt if "attempt" in values else anywhere or attempt == 0
+    if values["point"] == point and step_matches and attempt_matches:
         print(f"meshweave swarm: injected kill at {point} of step {step}", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 

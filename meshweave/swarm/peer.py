@@ -313,7 +313,6 @@ class Peer:
         flat = self.model.flat_grads()
         work = self.groups.stage_sum(flat)
         if work is not None:  # a failure names the stage's other peers: the coordinator checks which one died
-            others = [p for p in self.groups.stage_members if p != self.id]
-            waiter.wait(work, f"stage {self.model.stage} gradient all-reduce", others)
+            waiter.wait(work, f"stage {self.model.stage} gradient all-reduce", self.groups.stage_others())
         self.model.set_grads(flat)
         return {"squared_norm": float(flat.double().pow(2).sum()).hex()}
