@@ -327,41 +327,71 @@ def _commit(tree: Path) -> str:
 def write_before_after(samples: dict, ledgers: dict, tree: Path, keys: list[str], args: argparse.Namespace,
                        loads: list[tuple[float, float, float]]) -> None:
     before_c, after_c = _commit(tree), _commit(Path(__file__).resolve().parents[1])
+    rows = [_before_after_row(samples, key) for key in keys]
+    lines = _before_after_header(before_c, after_c, args, loads) + _before_after_tables(rows)
+    one = _sample_ms(samples, "before", "own script", "1")
+    if one:
+        lines += ["", f"One process before (old script, wall): {one:.1f} ms/step."]
+    lines += ["", "Ratios: before / after > 1 means after is faster; on / off > 1 means accounting costs that factor.",
+              "Per-round samples are in scaling_before_after.json.", "",
+              f"Command: `python benchmarks/bench_scaling.py {' '.join(sys.argv[1:])}`", ""]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scaling_before_after.md").write_text("\n".join(lines))
+    (out / "scaling_before_after.json").write_text(json.dumps(
+        {"before": before_c, "after": after_c, "rounds": args.rounds, "quick": args.quick, "loads": loads, "rows": rows,
+         "ledgers": ledgers}, indent=1))
+    print("\n".join(lines))
 
-    def ms(version: str, source: str, key: str, what: str = "wall") -> float | None:
-        """Median over rounds of the per-run medians; for best_*: the best step over all rounds."""
-        values = samples.get((version, source, key), {}).get(what)
-        if not values:
-            return None
-        return 1e3 * (min(values) if what.startswith("best") else statistics.median(values))
 
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return a / b if a and b else None
+def _sample_ms(samples: dict, version: str, source: str, key: str, what: str = "wall") -> float | None:
+    """Median over rounds of the per-run medians; for best_*: the best step over all rounds."""
+    values = samples.get((version, source, key), {}).get(what)
+    if not values:
+        return None
+    return 1e3 * (min(values) if what.startswith("best") else statistics.median(values))
 
-    rows = []
-    for key in keys:
-        own, harness = ms("before", "own script", key), ms("before", "always on", key)
-        before = own if own is not None else harness
-        off, on = ms("after", "off", key), ms("after", "on", key)
-        cpu_before, cpu_off, cpu_on = (ms("before", "always on", key, "cpu"), ms("after", "off", key, "cpu"),
-                                       ms("after", "on", key, "cpu"))
-        best = {f"{what}_{v}_{src}": ms(v, src, key, f"best_{what}") for what in ("wall", "cpu")
-                for v, src in (("before", "always on"), ("after", "off"), ("after", "on"))}
-        rows.append({
-            "layout": LAYOUTS[key][0], "key": key, "best_ms": best,
-            "before_ms": before, "before_by": "own script" if own is not None else "this script on the old code",
-            "before_harness_ms": harness, "after_off_ms": off, "after_on_ms": on,
-            "before_over_after_off": ratio(before, off), "before_over_after_on": ratio(before, on), "on_over_off": ratio(on, off),
-            "cpu_before_ms": cpu_before, "cpu_after_off_ms": cpu_off, "cpu_after_on_ms": cpu_on,
-            "cpu_before_over_after_off": ratio(cpu_before, cpu_off), "cpu_before_over_after_on": ratio(cpu_before, cpu_on),
-            "cpu_on_over_off": ratio(cpu_on, cpu_off),
-            "samples_ms": {f"{v}|{src}|{what}": [1e3 * x for x in vals[what]]
-                           for (v, src, k), vals in samples.items() if k == key for what in vals if vals[what]},
-        })
-    f1 = lambda x: "" if x is None else f"{x:.1f}"  # noqa: E731
-    f2 = lambda x: "" if x is None else f"{x:.2f}"  # noqa: E731
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def _f1(x: float | None) -> str:
+    return "" if x is None else f"{x:.1f}"
+
+
+def _f2(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}"
+
+
+def _before_after_row(samples: dict, key: str) -> dict:
+    """One layout's figures: wall and CPU medians before and after (accounting off/on), best steps, ratios."""
+    def ms(version: str, source: str, what: str = "wall") -> float | None:
+        return _sample_ms(samples, version, source, key, what)
+
+    own, harness = ms("before", "own script"), ms("before", "always on")
+    before = own if own is not None else harness
+    off, on = ms("after", "off"), ms("after", "on")
+    cpu_before, cpu_off, cpu_on = ms("before", "always on", "cpu"), ms("after", "off", "cpu"), ms("after", "on", "cpu")
+    best = {f"{what}_{v}_{src}": ms(v, src, f"best_{what}") for what in ("wall", "cpu")
+            for v, src in (("before", "always on"), ("after", "off"), ("after", "on"))}
+    return {
+        "layout": LAYOUTS[key][0], "key": key, "best_ms": best,
+        "before_ms": before, "before_by": "own script" if own is not None else "this script on the old code",
+        "before_harness_ms": harness, "after_off_ms": off, "after_on_ms": on,
+        "before_over_after_off": _ratio(before, off), "before_over_after_on": _ratio(before, on), "on_over_off": _ratio(on, off),
+        "cpu_before_ms": cpu_before, "cpu_after_off_ms": cpu_off, "cpu_after_on_ms": cpu_on,
+        "cpu_before_over_after_off": _ratio(cpu_before, cpu_off), "cpu_before_over_after_on": _ratio(cpu_before, cpu_on),
+        "cpu_on_over_off": _ratio(cpu_on, cpu_off),
+        "samples_ms": {f"{v}|{src}|{what}": [1e3 * x for x in vals[what]]
+                       for (v, src, k), vals in samples.items() if k == key for what in vals if vals[what]},
+    }
+
+
+def _before_after_header(before_c: str, after_c: str, args: argparse.Namespace,
+                         loads: list[tuple[float, float, float]]) -> list[str]:
     steps = "4 (+1 warm-up)" if args.quick else "12 (+2 warm-up)"
-    lines = [
+    return [
         f"# Step time before ({before_c}) and after ({after_c}) the layering refactor, and the cost of comm accounting", "",
         f"Real trainer, default model (dim 256, 4 layers, seq 256, global batch 8), same batches; per run the median of "
         f"{steps} steps (slowest rank); the median over {args.rounds} interleaved rounds (the order of the four runs "
@@ -381,16 +411,21 @@ def write_before_after(samples: dict, ledgers: dict, tree: Path, keys: list[str]
         "before / after(on) | on / off |",
         "|---|---|---|---|---|---|---|---|",
     ]
+
+
+def _before_after_tables(rows: list[dict]) -> list[str]:
+    """The wall, CPU and best-step tables (the wall table's header ends the report's header)."""
+    lines = []
     for r in rows:
-        lines.append(f"| {r['layout']} | {f1(r['before_ms'])} ({r['before_by']}) | {f1(r['before_harness_ms'])} | "
-                     f"{f1(r['after_off_ms'])} | {f1(r['after_on_ms'])} | {f2(r['before_over_after_off'])} | "
-                     f"{f2(r['before_over_after_on'])} | {f2(r['on_over_off'])} |")
+        lines.append(f"| {r['layout']} | {_f1(r['before_ms'])} ({r['before_by']}) | {_f1(r['before_harness_ms'])} | "
+                     f"{_f1(r['after_off_ms'])} | {_f1(r['after_on_ms'])} | {_f2(r['before_over_after_off'])} | "
+                     f"{_f2(r['before_over_after_on'])} | {_f2(r['on_over_off'])} |")
     lines += ["", "CPU time per step (ms; this script on both trees):", "",
               "| layout | before (accounting always on) | after, off | after, on | before / after(off) | before / after(on) | "
               "on / off |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['layout']} | {f1(r['cpu_before_ms'])} | {f1(r['cpu_after_off_ms'])} | {f1(r['cpu_after_on_ms'])} | "
-                     f"{f2(r['cpu_before_over_after_off'])} | {f2(r['cpu_before_over_after_on'])} | {f2(r['cpu_on_over_off'])} |")
+        lines.append(f"| {r['layout']} | {_f1(r['cpu_before_ms'])} | {_f1(r['cpu_after_off_ms'])} | {_f1(r['cpu_after_on_ms'])} | "
+                     f"{_f2(r['cpu_before_over_after_off'])} | {_f2(r['cpu_before_over_after_on'])} | {_f2(r['cpu_on_over_off'])} |")
     lines += ["", "Best step (ms; the fastest step of all rounds, slowest rank; this script on both trees — other jobs "
               "only add time, so this is the least noisy figure here):", "",
               "| layout | wall before | wall after off | wall after on | before / after(off) | before / after(on) | on / off | "
@@ -400,21 +435,9 @@ def write_before_after(samples: dict, ledgers: dict, tree: Path, keys: list[str]
         cells = []
         for what in ("wall", "cpu"):
             b, off, on = (r["best_ms"][f"{what}_{v}"] for v in ("before_always on", "after_off", "after_on"))
-            cells += [f1(b), f1(off), f1(on), f2(ratio(b, off)), f2(ratio(b, on)), f2(ratio(on, off))]
+            cells += [_f1(b), _f1(off), _f1(on), _f2(_ratio(b, off)), _f2(_ratio(b, on)), _f2(_ratio(on, off))]
         lines.append(f"| {r['layout']} | " + " | ".join(cells) + " |")
-    one = ms("before", "own script", "1")
-    if one:
-        lines += ["", f"One process before (old script, wall): {one:.1f} ms/step."]
-    lines += ["", "Ratios: before / after > 1 means after is faster; on / off > 1 means accounting costs that factor.",
-              "Per-round samples are in scaling_before_after.json.", "",
-              f"Command: `python benchmarks/bench_scaling.py {' '.join(sys.argv[1:])}`", ""]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scaling_before_after.md").write_text("\n".join(lines))
-    (out / "scaling_before_after.json").write_text(json.dumps(
-        {"before": before_c, "after": after_c, "rounds": args.rounds, "quick": args.quick, "loads": loads, "rows": rows,
-         "ledgers": ledgers}, indent=1))
-    print("\n".join(lines))
+    return lines
 
 
 # --- the weak/strong scaling study (default) -----------------------------------------------------
