@@ -217,5 +217,5 @@ def test_directories_expand_environment_variables_and_name_an_unset_one(monkeypa
     monkeypatch.delenv("MW_UNSET_VAR", raising=False)
     cfg = settings(SCRATCH, persistent_dir="${MW_UNSET_VAR}/ckpt", levels=["local", "persistent"])
     assert cfg.level_dir("local") == "/scratch/job7/ckpt"
-    with pytest.raises(ValueError, match=r"checkpoint.persistent_dir: .*\$MW_UNSET_VAR, which is not set"):
+    with pytest.raises(ConfigError, match=r"checkpoint.persistent_dir: .*\$MW_UNSET_VAR, which is not set"):  # exit 2
         cfg.level_dir("persistent")

@@ -13,6 +13,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, get_args
 
+from meshweave.core.errors import ConfigError
+
 SCHEMA_VERSION = 1
 INT_LIMIT = 2**63 - 1  # every integer field must fit a signed 64-bit integer (what torch and the OS take)
 
@@ -200,8 +202,8 @@ class CheckpointConfig:
         raise ValueError(f"checkpoint level {level!r} has no directory")
 
 
-class UnsetDirectoryVariable(ValueError):
-    """A checkpoint directory names an environment variable this process does not have."""
+class UnsetDirectoryVariable(ConfigError):
+    """A checkpoint directory names an environment variable this process does not have (a config error: exit 2)."""
 
 
 def _expand(path: str, field_name: str) -> str:
